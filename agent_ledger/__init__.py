@@ -1,0 +1,61 @@
+"""agent_ledger: make an AI agent's side effects happen once.
+
+Every tool call gets a deterministic key (workflow id + tool + canonical args). A call whose key already
+succeeded returns the recorded result without running the handler; only one worker executes a key; a
+crash mid-call is never silently re-executed; everything is an audit row in SQLite or Postgres.
+"""
+
+from __future__ import annotations
+
+from ._decide import TRANSITIONS
+from ._flow import NOT_EXECUTED
+from ._keys import compute_key, payload_hash
+from ._ledger import Ledger, Workflow, current_workflow
+from ._migrate import migrations_path
+from ._models import AuditEvent, Effect, EffectRecord, ErrorInfo, Status, ToolCall
+from .errors import (
+    ConfigurationError,
+    IllegalTransition,
+    InProgress,
+    InvalidArguments,
+    LedgerError,
+    NoWorkflow,
+    OutcomeUnknown,
+    PayloadMismatch,
+    RecordedError,
+    ResultNotReplayable,
+    SchemaMissing,
+    StorageError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NOT_EXECUTED",
+    "TRANSITIONS",
+    "AuditEvent",
+    "ConfigurationError",
+    "Effect",
+    "EffectRecord",
+    "ErrorInfo",
+    "IllegalTransition",
+    "InProgress",
+    "InvalidArguments",
+    "Ledger",
+    "LedgerError",
+    "NoWorkflow",
+    "OutcomeUnknown",
+    "PayloadMismatch",
+    "RecordedError",
+    "ResultNotReplayable",
+    "SchemaMissing",
+    "Status",
+    "StorageError",
+    "ToolCall",
+    "Workflow",
+    "__version__",
+    "compute_key",
+    "current_workflow",
+    "migrations_path",
+    "payload_hash",
+]

@@ -1,0 +1,220 @@
+"""The decision core: what should happen to a call, given what is stored. Pure: no I/O, no clock.
+
+The state machine of an effect is the table ``TRANSITIONS`` (state -> event -> new state). Every state
+change the storage layer performs is one of its entries, checked by ``transition()``; the drivers never
+invent a move. ``decide()`` maps (stored row, request, time) to one ``Decision``; the drivers in
+``_flow`` carry it out with one atomic, fenced statement and ask again when a race changed the row.
+
+::
+
+    (new) --claim--> running --succeed--> succeeded            (terminal)
+                     running --fail-----> failed --retry--> running
+                     running --mark_unknown--> unknown --reconcile / takeover--> running
+                     running --takeover / reconcile--> running  (lease expired, attempt + 1)
+                     unknown / failed / running --resolve_result--> succeeded
+                     unknown / failed / running --resolve_error---> failed
+                     unknown / failed / running --resolve_retry---> pending --retry--> running
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from ._keys import diff_fields
+from ._models import Status
+from .errors import IllegalTransition
+
+__all__ = [
+    "TRANSITIONS",
+    "Claim",
+    "Decision",
+    "MarkUnknown",
+    "Policy",
+    "Refuse",
+    "Replay",
+    "ReplayError",
+    "Request",
+    "Row",
+    "Wait",
+    "decide",
+    "error_matches",
+    "transition",
+]
+
+ClaimEvent = Literal["claim", "retry", "takeover", "reconcile"]
+
+TRANSITIONS: Mapping[Status | None, Mapping[str, Status]] = {
+    None: {"claim": Status.RUNNING},
+    Status.RUNNING: {
+        "succeed": Status.SUCCEEDED,
+        "fail": Status.FAILED,
+        "takeover": Status.RUNNING,
+        "reconcile": Status.RUNNING,
+        "mark_unknown": Status.UNKNOWN,
+        "resolve_result": Status.SUCCEEDED,
+        "resolve_error": Status.FAILED,
+        "resolve_retry": Status.PENDING,
+    },
+    Status.FAILED: {
+        "retry": Status.RUNNING,
+        "resolve_result": Status.SUCCEEDED,
+        "resolve_error": Status.FAILED,
+        "resolve_retry": Status.PENDING,
+    },
+    Status.UNKNOWN: {
+        "takeover": Status.RUNNING,
+        "reconcile": Status.RUNNING,
+        "resolve_result": Status.SUCCEEDED,
+        "resolve_error": Status.FAILED,
+        "resolve_retry": Status.PENDING,
+    },
+    Status.PENDING: {
+        "retry": Status.RUNNING,
+        "resolve_result": Status.SUCCEEDED,
+        "resolve_error": Status.FAILED,
+    },
+    Status.SUCCEEDED: {},
+}
+
+
+def transition(state: Status | None, event: str) -> Status:
+    """The state ``event`` leads to from ``state``; raises ``IllegalTransition`` if there is none."""
+    try:
+        return TRANSITIONS[state][event]
+    except KeyError:
+        raise IllegalTransition(state.value if state else None, event) from None
+
+
+@dataclass(frozen=True)
+class Row:
+    """A snapshot of one stored effect, as much of it as decisions need."""
+
+    key: str
+    workflow_id: str
+    tool: str
+    status: Status
+    attempt: int
+    payload_hash: str
+    args: Mapping[str, Any] | None
+    owner: str | None
+    lease_expires_at: datetime | None
+    started_at: datetime | None
+    result: Any
+    result_replayable: bool | None
+    result_repr: str | None
+    error: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a tool treats recorded failures and crashed attempts."""
+
+    on_error: Literal["retry", "replay"] = "retry"
+    retry_on: tuple[str, ...] = ()
+    """Qualified names of exception classes that are retried even when failures are replayed."""
+    on_crash: Literal["unknown", "retry"] = "unknown"
+    has_reconcile: bool = False
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the caller wants: this key, with this payload, under this policy."""
+
+    key: str
+    payload_hash: str
+    args: Mapping[str, Any]
+    policy: Policy
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Take the key and run: a new row (``claim``) or a fenced update of the observed attempt."""
+
+    event: ClaimEvent
+    expected_status: Status | None = None
+    expected_attempt: int = 0
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Return the recorded result without running the handler."""
+
+
+@dataclass(frozen=True)
+class ReplayError:
+    """Raise the recorded failure without running the handler."""
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Raise without running: a different payload, a result that cannot be replayed, an unknown outcome."""
+
+    reason: Literal["mismatch", "not_replayable", "unknown"]
+    fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Another worker holds a live lease: wait for its outcome (at most until the lease expires)."""
+
+    lease_expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class MarkUnknown:
+    """The owner is gone and the policy is honest uncertainty: record ``unknown`` for this attempt."""
+
+    expected_attempt: int
+
+
+Decision = Claim | Replay | ReplayError | Refuse | Wait | MarkUnknown
+
+
+def error_matches(error: Mapping[str, Any] | None, names: tuple[str, ...]) -> bool:
+    """Whether a recorded error is an instance of one of the named classes (by its recorded MRO)."""
+    if error is None or not names:
+        return False
+    classes = error.get("classes") or [error.get("type")]
+    return any(name in classes for name in names)
+
+
+def _lease_over(row: Row, now: datetime, owner_gone: bool) -> bool:
+    return owner_gone or row.lease_expires_at is None or row.lease_expires_at <= now
+
+
+def decide(row: Row | None, req: Request, now: datetime, *, owner_gone: bool = False) -> Decision:
+    """Decide what to do with ``req`` given the stored ``row`` (or none) at time ``now``.
+
+    ``owner_gone`` says the row's owner is known to be dead (same host, process gone), which ends its
+    lease early. The result is a pure function of the inputs.
+    """
+    if row is None:
+        return Claim("claim")
+    if row.payload_hash != req.payload_hash:
+        return Refuse("mismatch", tuple(diff_fields(row.args, req.args)))
+    policy = req.policy
+    status = row.status
+    if status is Status.SUCCEEDED:
+        return Replay() if row.result_replayable else Refuse("not_replayable")
+    if status is Status.FAILED:
+        retry = error_matches(row.error, policy.retry_on) if policy.retry_on else policy.on_error == "retry"
+        return Claim("retry", status, row.attempt) if retry else ReplayError()
+    if status is Status.PENDING:
+        return Claim("retry", status, row.attempt)
+    if status is Status.RUNNING:
+        if not _lease_over(row, now, owner_gone):
+            return Wait(row.lease_expires_at)
+        if policy.has_reconcile:
+            return Claim("reconcile", status, row.attempt)
+        if policy.on_crash == "retry":
+            return Claim("takeover", status, row.attempt)
+        return MarkUnknown(row.attempt)
+    # Status.UNKNOWN
+    if policy.has_reconcile:
+        return Claim("reconcile", status, row.attempt)
+    if policy.on_crash == "retry":
+        return Claim("takeover", status, row.attempt)
+    return Refuse("unknown")

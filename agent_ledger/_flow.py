@@ -1,0 +1,453 @@
+"""The one execution flow, shared by the sync and async drivers.
+
+``execute(plan)`` is a generator: it yields operations (run this ``Work``, call the handler, sleep,
+start or stop a heartbeat, note a replay) and receives their outcomes. It holds no connection and never
+blocks, so ``_runtime.Runtime.run_sync`` and ``run_async`` are short loops that perform the operations
+with a sync or an async engine. The guarantee is therefore written once (the httpx ``auth_flow`` habit).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pydantic_core
+
+from ._decide import Claim, MarkUnknown, Policy, Refuse, Replay, ReplayError, Request, Row, Wait, decide
+from ._models import Effect
+from ._store import Store, Work, row_from_mapping
+from .errors import (
+    InProgress,
+    OutcomeUnknown,
+    PayloadMismatch,
+    RecordedError,
+    ResultNotReplayable,
+)
+
+__all__ = [
+    "NOT_EXECUTED",
+    "Beat",
+    "Db",
+    "Invoke",
+    "Op",
+    "Plan",
+    "Replayed",
+    "Sleep",
+    "StopBeat",
+    "describe_error",
+    "encode_result",
+    "execute",
+    "make_owner",
+    "owner_gone",
+    "utcnow",
+]
+
+HOST = socket.gethostname()
+
+
+class _NotExecuted:
+    """Returned by a ``reconcile`` callback that found the side effect did not happen."""
+
+    _instance: _NotExecuted | None = None
+
+    def __new__(cls) -> _NotExecuted:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "agent_ledger.NOT_EXECUTED"
+
+
+NOT_EXECUTED = _NotExecuted()
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (the ledger's only clock)."""
+    return datetime.now(timezone.utc)
+
+
+def make_owner() -> str:
+    """An owner id: ``host:pid:instance`` (instance is random, so a reused pid is still a new owner)."""
+    return f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def owner_gone(owner: str | None) -> bool:
+    """True when ``owner`` ran on this host in a process that no longer exists (or is a zombie)."""
+    if not owner:
+        return False
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != HOST:
+        return False
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+# -- operations the drivers perform -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Db:
+    """Run this unit of work in one transaction; the outcome is sent back."""
+
+    work: Work
+
+
+@dataclass(frozen=True)
+class Invoke:
+    """Call a user function with the Effect (awaiting it in the async driver); its result is sent back."""
+
+    fn: Callable[[Effect], Any]
+    effect: Effect
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Wait this many seconds before looking again."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Beat:
+    """Start extending the lease of our claim every ``lease / 3`` seconds; a handle is sent back."""
+
+    key: str
+    owner: str
+    attempt: int
+    lease: float
+
+
+@dataclass(frozen=True)
+class StopBeat:
+    """Stop the heartbeat started with ``handle``."""
+
+    handle: Any
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """Note a replay in the audit trail (batched by the driver, off the hot path)."""
+
+    event: Mapping[str, Any]
+
+
+Op = Db | Invoke | Sleep | Beat | StopBeat | Replayed
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one call needs, computed before any I/O."""
+
+    store: Store
+    key: str
+    workflow_id: str
+    tool: str
+    args: Mapping[str, Any]
+    """The normalised arguments (JSON), as stored."""
+    call_args: Mapping[str, Any]
+    """The arguments as the caller gave them, handed to ``Effect.args``."""
+    payload_hash: str
+    invoke: Callable[[Effect], Any]
+    policy: Policy
+    owner: str
+    lease: float
+    wait: float
+    reconcile: Callable[[Effect], Any] | None = None
+    decode: Callable[[Any], Any] | None = None
+    detect_local_crashes: bool = True
+
+
+# -- results and errors -----------------------------------------------------------------------
+
+
+def _check_json(value: Any, path: str = "result") -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path} is {value!r}, which JSON cannot hold")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{path} has a non-string key {k!r}")
+            _check_json(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_json(v, f"{path}[{i}]")
+
+
+def encode_result(value: Any) -> tuple[Any, bool, str | None, str | None]:
+    """(stored JSON, replayable, repr when not replayable, reason) for a handler's return value."""
+    try:
+        data = pydantic_core.to_jsonable_python(value)
+        _check_json(data)
+    except Exception as exc:
+        try:
+            shown = repr(value)[:2000]
+        except Exception:  # a repr that raises must not lose the record
+            shown = f"<unrepresentable {type(value).__qualname__}>"
+        return None, False, shown, f"{type(value).__qualname__} is not JSON-serialisable ({exc})"
+    return data, True, None, None
+
+
+def describe_error(exc: BaseException) -> dict[str, Any]:
+    """The JSON record of an exception: type, message, traceback and the names of its classes."""
+    cls = type(exc)
+    return {
+        "type": f"{cls.__module__}.{cls.__qualname__}",
+        "message": str(exc)[:4000],
+        "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__))[-16000:],
+        "classes": [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__ if c not in (object,)],
+    }
+
+
+def _decoded(plan: Plan, row: Row) -> Any:
+    if plan.decode is None:
+        return row.result
+    try:
+        return plan.decode(row.result)
+    except Exception as exc:
+        raise ResultNotReplayable(
+            row.key, row.tool, f"the stored result does not rebuild the declared return type: {exc}", None
+        ) from exc
+
+
+# -- the flow ---------------------------------------------------------------------------------
+
+
+def execute(plan: Plan) -> Generator[Op, Any, Any]:
+    """Carry a call through the ledger: decide, claim, run, record; replay or refuse when settled."""
+    store = plan.store
+    request = Request(plan.key, plan.payload_hash, plan.args, plan.policy)
+    began = time.monotonic()
+    delay = 0.002
+    found = yield Db(store.load(plan.key))
+    while True:
+        row = row_from_mapping(found) if found is not None else None
+        now = utcnow()
+        gone = plan.detect_local_crashes and row is not None and row.status.value == "running" and owner_gone(row.owner)
+        decision = decide(row, request, now, owner_gone=gone)
+
+        if isinstance(decision, Replay):
+            assert row is not None
+            value = _decoded(plan, row)
+            yield Replayed(_event(plan, "replayed", row.attempt, plan.owner, now, None))
+            return value
+
+        if isinstance(decision, ReplayError):
+            assert row is not None
+            err = row.error or {}
+            raise RecordedError(
+                row.key,
+                row.tool,
+                row.attempt,
+                str(err.get("type", "Exception")),
+                str(err.get("message", "")),
+                err.get("traceback"),
+            )
+
+        if isinstance(decision, Refuse):
+            assert row is not None
+            if decision.reason == "mismatch":
+                yield Db(
+                    store.event(
+                        key=plan.key,
+                        workflow_id=plan.workflow_id,
+                        tool=plan.tool,
+                        kind="refused",
+                        attempt=row.attempt,
+                        owner=plan.owner,
+                        at=now,
+                        detail={
+                            "reason": "payload_mismatch",
+                            "fields": list(decision.fields),
+                            "payload_hash": plan.payload_hash,
+                        },
+                    )
+                )
+                raise PayloadMismatch(plan.key, plan.tool, list(decision.fields))
+            if decision.reason == "not_replayable":
+                yield Replayed(_event(plan, "replayed", row.attempt, plan.owner, now, {"replayable": False}))
+                raise ResultNotReplayable(
+                    row.key, row.tool, "it could not be stored when the call succeeded", row.result_repr
+                )
+            raise OutcomeUnknown(row.key, row.tool, row.args, row.owner, row.attempt)
+
+        if isinstance(decision, Wait):
+            waited = time.monotonic() - began
+            if waited >= plan.wait:
+                assert row is not None
+                raise InProgress(row.key, row.tool, row.owner, row.started_at, waited)
+            pause = min(delay, plan.wait - waited)
+            if decision.lease_expires_at is not None:
+                pause = min(pause, max(0.001, (decision.lease_expires_at - now).total_seconds() + 0.001))
+            yield Sleep(pause)
+            delay = min(delay * 2, 0.05)
+            found = yield Db(store.load(plan.key))
+            continue
+
+        if isinstance(decision, MarkUnknown):
+            assert row is not None
+            reason = "its process is gone" if gone else "its lease expired"
+            yield Db(store.mark_unknown(row=row, now=now, by=plan.owner, detail={"reason": reason}))
+            found = yield Db(store.load(plan.key))
+            continue
+
+        assert isinstance(decision, Claim)
+        lease_until = now + timedelta(seconds=plan.lease)
+        if decision.event == "claim":
+            won = yield Db(
+                store.claim_new(
+                    key=plan.key,
+                    workflow_id=plan.workflow_id,
+                    tool=plan.tool,
+                    payload_hash=plan.payload_hash,
+                    args=plan.args,
+                    owner=plan.owner,
+                    lease_expires_at=lease_until,
+                    now=now,
+                )
+            )
+            if won is None:
+                found = yield Db(store.load(plan.key))
+                continue
+            attempt = int(won["attempt"])
+        else:
+            assert row is not None
+            detail = {"reason": "owner process gone"} if gone else None
+            n = yield Db(
+                store.claim_again(
+                    event=decision.event,
+                    row=row,
+                    owner=plan.owner,
+                    lease_expires_at=lease_until,
+                    now=now,
+                    detail=detail,
+                )
+            )
+            if not n:
+                found = yield Db(store.load(plan.key))
+                continue
+            attempt = row.attempt + 1
+        return (yield from _run_claimed(plan, attempt, decision.event == "reconcile"))
+
+
+def _event(plan: Plan, kind: str, attempt: int | None, owner: str | None, at: datetime, detail: Any) -> dict[str, Any]:
+    return {
+        "key": plan.key,
+        "workflow_id": plan.workflow_id,
+        "tool": plan.tool,
+        "kind": kind,
+        "attempt": attempt,
+        "owner": owner,
+        "at": at,
+        "detail": detail,
+    }
+
+
+def _run_claimed(plan: Plan, attempt: int, reconcile_first: bool) -> Generator[Op, Any, Any]:
+    store = plan.store
+    effect = Effect(
+        key=plan.key,
+        idem_key=plan.key,
+        attempt=attempt,
+        workflow_id=plan.workflow_id,
+        tool=plan.tool,
+        args=plan.call_args,
+    )
+    finish: dict[str, Any] = {
+        "key": plan.key,
+        "workflow_id": plan.workflow_id,
+        "tool": plan.tool,
+        "owner": plan.owner,
+        "attempt": attempt,
+    }
+    handle = yield Beat(plan.key, plan.owner, attempt, plan.lease)
+    try:
+        started = time.monotonic()
+        detail: dict[str, Any] = {}
+        try:
+            result: Any = NOT_EXECUTED
+            if reconcile_first:
+                assert plan.reconcile is not None
+                result = yield Invoke(plan.reconcile, effect)
+                detail["reconciled"] = result is not NOT_EXECUTED
+                if result is NOT_EXECUTED:
+                    yield Db(
+                        store.event(
+                            kind="reconciled",
+                            attempt=attempt,
+                            at=utcnow(),
+                            detail={"found": False, "then": "running the handler"},
+                            **{k: finish[k] for k in ("key", "workflow_id", "tool", "owner")},
+                        )
+                    )
+            if result is NOT_EXECUTED:
+                result = yield Invoke(plan.invoke, effect)
+        except Exception as exc:
+            detail["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+            yield from _record(plan, "fail", finish, detail, error=describe_error(exc))
+            raise
+        except BaseException as exc:
+            # Interrupted (KeyboardInterrupt, SystemExit, task cancellation): the handler did not finish
+            # and may have done part of its work. Record that honestly instead of guessing.
+            detail["interrupted"] = type(exc).__name__
+            yield from _record(plan, "mark_unknown", finish, detail, error=describe_error(exc))
+            raise
+        detail["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+        data, replayable, shown, reason = encode_result(result)
+        if not replayable:
+            detail["not_replayable"] = reason
+        yield from _record(
+            plan,
+            "succeed",
+            finish,
+            detail,
+            result=data,
+            result_replayable=replayable,
+            result_repr=shown,
+        )
+        return result
+    finally:
+        yield StopBeat(handle)
+
+
+def _record(
+    plan: Plan, event: Any, finish: Mapping[str, Any], detail: dict[str, Any], **values: Any
+) -> Generator[Op, Any, None]:
+    now = utcnow()
+    n = yield Db(plan.store.finish(event=event, now=now, detail=detail, **finish, **values))
+    if not n:
+        # Fenced off: our lease was taken over (or the effect was resolved) while we ran. Our handler
+        # did run, so the caller still gets its own outcome; the stored outcome stays the new owner's.
+        yield Db(
+            plan.store.event(
+                kind="late_completion",
+                attempt=finish["attempt"],
+                at=now,
+                detail={"outcome": event, **detail},
+                **{k: finish[k] for k in ("key", "workflow_id", "tool", "owner")},
+            )
+        )

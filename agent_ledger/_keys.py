@@ -1,0 +1,136 @@
+"""Arguments to JSON, JSON to canonical bytes (RFC 8785), bytes to keys. Pure: no I/O.
+
+The key of a call is ``v1:`` + SHA-256 of the canonical JSON of ``{"v": 1, "workflow_id", "tool",
+"args"}`` where ``args`` are the (possibly key-subset) normalised arguments. The payload hash is the same
+over the *full* normalised arguments and the tool, so a key-subset tool can still tell a changed payload.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import math
+import uuid
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+import rfc8785
+from pydantic import BaseModel
+
+from .errors import InvalidArguments
+
+__all__ = [
+    "DEFAULT_MAX_ARGS_BYTES",
+    "KEY_VERSION",
+    "canonical",
+    "compute_key",
+    "diff_fields",
+    "normalise",
+    "payload_hash",
+]
+
+KEY_VERSION = 1
+DEFAULT_MAX_ARGS_BYTES = 1024 * 1024
+_SAFE_INT = 2**53 - 1
+
+
+def normalise(value: Any, path: str = "args") -> Any:
+    """Map ``value`` to plain JSON (dict/list/str/int/float/bool/None), or raise ``InvalidArguments``.
+
+    datetime -> UTC RFC 3339 (naive datetimes are refused: their instant is ambiguous), date -> ISO date,
+    time -> ISO time, UUID -> str, Decimal -> str, Enum -> its value, bytes -> ``{"$bytes": base64}``,
+    set/frozenset -> sorted list, tuple -> list, dataclass -> dict of fields, pydantic model ->
+    ``model_dump(mode="json")``, ints beyond 2**53 -> ``{"$int": "digits"}`` (JSON numbers lose them).
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return normalise(value.value, path)
+    if isinstance(value, int):
+        if -_SAFE_INT <= value <= _SAFE_INT:
+            return int(value)
+        return {"$int": str(int(value))}
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidArguments(f"{path} is {value!r}: NaN and infinities have no JSON form", path=path)
+        return value
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidArguments(
+                    f"{path} has a key of type {type(k).__name__} ({k!r}): dict keys must be strings",
+                    path=path,
+                )
+            out[k] = normalise(v, f"{path}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [normalise(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        items = [normalise(v, f"{path}{{}}") for v in value]
+        return sorted(items, key=canonical)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidArguments(
+                f"{path} is a naive datetime ({value.isoformat()}): give it a timezone "
+                f"(e.g. datetime.now(timezone.utc)) so the instant is unambiguous",
+                path=path,
+            )
+        return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise InvalidArguments(f"{path} is Decimal({str(value)!r}): it has no JSON form", path=path)
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, BaseModel):
+        return normalise(value.model_dump(mode="json"), path)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return normalise(
+            {f.name: getattr(value, f.name) for f in dataclasses.fields(value)},
+            path,
+        )
+    raise InvalidArguments(
+        f"{path} has type {type(value).__module__}.{type(value).__qualname__}, which has no canonical "
+        f"JSON form: pass JSON values, datetimes, UUIDs, Decimals, Enums, bytes, sets, tuples, "
+        f"dataclasses or pydantic models",
+        path=path,
+    )
+
+
+def canonical(value: Any) -> bytes:
+    """RFC 8785 canonical JSON bytes of an already-normalised value."""
+    try:
+        return rfc8785.dumps(value)
+    except rfc8785.CanonicalizationError as exc:  # pragma: no cover - normalise() prevents these
+        raise InvalidArguments(f"arguments cannot be canonicalised: {exc}") from exc
+
+
+def _digest(value: Any) -> str:
+    return f"v{KEY_VERSION}:" + hashlib.sha256(canonical(value)).hexdigest()
+
+
+def compute_key(workflow_id: str, tool: str, key_args: Mapping[str, Any]) -> str:
+    """The deterministic key of a call: versioned SHA-256 of workflow id, tool and (normalised) args."""
+    return _digest({"v": KEY_VERSION, "workflow_id": workflow_id, "tool": tool, "args": key_args})
+
+
+def payload_hash(tool: str, args: Mapping[str, Any]) -> str:
+    """Hash of the full normalised payload (tool + all args); approvals and mismatches compare it."""
+    return _digest({"v": KEY_VERSION, "tool": tool, "args": args})
+
+
+def diff_fields(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    """Names of the top-level arguments whose normalised values differ between two payloads."""
+    if old is None:
+        return []
+    names = sorted(set(old) | set(new))
+    return [n for n in names if n not in old or n not in new or canonical(old[n]) != canonical(new[n])]

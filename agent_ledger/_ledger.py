@@ -1,0 +1,694 @@
+"""``Ledger``: the public entry point (explicit ``run``, the ``@tool`` decorator, workflows, audit)."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import os
+import typing
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Literal, ParamSpec, TypeVar, overload
+
+from pydantic import TypeAdapter
+
+from . import _keys
+from ._decide import Policy, transition
+from ._flow import Plan, describe_error, encode_result, execute, make_owner, owner_gone, utcnow
+from ._models import AuditEvent, Effect, EffectRecord, ErrorInfo, Status, ToolCall
+from ._runtime import Runtime
+from ._schema import DEFAULT_PREFIX, build_tables
+from ._store import row_from_mapping
+from .errors import ConfigurationError, IllegalTransition, InvalidArguments, LedgerError, NoWorkflow
+
+__all__ = ["Ledger", "Workflow", "current_workflow"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_URL = "sqlite:///agent_ledger.db"
+DEFAULT_LEASE = 30.0
+DEFAULT_WAIT = 30.0
+
+_workflow: contextvars.ContextVar[str | None] = contextvars.ContextVar("agent_ledger_workflow", default=None)
+_UNSET: Any = object()
+
+OnError = Literal["retry", "replay"]
+OnCrash = Literal["unknown", "retry"]
+
+
+def current_workflow() -> str | None:
+    """The workflow id set by the innermost ``ledger.workflow(...)`` in this context, if any."""
+    return _workflow.get()
+
+
+class Workflow:
+    """Context manager (sync and async) that sets the workflow id for decorated tools.
+
+    It is a context variable: it holds across ``await`` and is inherited by tasks created inside it.
+    """
+
+    def __init__(self, workflow_id: str) -> None:
+        if not isinstance(workflow_id, str) or not workflow_id or len(workflow_id) > 255:
+            raise InvalidArguments(
+                f"workflow id must be a non-empty string of at most 255 characters, not {workflow_id!r}"
+            )
+        self.workflow_id = workflow_id
+        self._tokens: list[contextvars.Token[str | None]] = []
+
+    def __enter__(self) -> Workflow:
+        self._tokens.append(_workflow.set(self.workflow_id))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _workflow.reset(self._tokens.pop())
+
+    async def __aenter__(self) -> Workflow:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__()
+
+
+def _seconds(value: float | timedelta | None, name: str, *, allow_zero: bool) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"{name} must be seconds (a number) or a timedelta, not {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigurationError(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, not {value!r}")
+    return float(value)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The per-tool (or per-call) options, validated once."""
+
+    key: tuple[str, ...] | None
+    policy: Policy
+    lease: float | None
+    wait: float | None
+    reconcile: Callable[[Effect], Any] | None
+
+    @staticmethod
+    def build(
+        *,
+        key: Iterable[str] | None,
+        on_error: OnError | None,
+        retry_on: Iterable[type[BaseException]] | None,
+        on_crash: OnCrash,
+        reconcile: Callable[[Effect], Any] | None,
+        lease: float | timedelta | None,
+        wait: float | timedelta | None,
+    ) -> _Options:
+        if on_error not in (None, "retry", "replay"):
+            raise ConfigurationError(f"on_error must be 'retry' or 'replay', not {on_error!r}")
+        if on_crash not in ("unknown", "retry"):
+            raise ConfigurationError(f"on_crash must be 'unknown' or 'retry', not {on_crash!r}")
+        retry = tuple(retry_on or ())
+        for cls in retry:
+            if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+                raise ConfigurationError(f"retry_on must hold exception classes, not {cls!r}")
+        if retry and on_error == "retry":
+            raise ConfigurationError(
+                "retry_on lists the errors to retry when the others are replayed; it contradicts "
+                "on_error='retry' (which retries every error)"
+            )
+        if reconcile is not None and not callable(reconcile):
+            raise ConfigurationError(f"reconcile must be callable, not {reconcile!r}")
+        key_names: tuple[str, ...] | None = None
+        if key is not None:
+            if isinstance(key, str):
+                raise ConfigurationError(f"key must be a list of argument names, not the string {key!r}")
+            key_names = tuple(key)
+            if not key_names or not all(isinstance(k, str) and k for k in key_names):
+                raise ConfigurationError(f"key must be a non-empty list of argument names, not {key!r}")
+        policy = Policy(
+            on_error=on_error or ("replay" if retry else "retry"),
+            retry_on=tuple(_qualname(c) for c in retry),
+            on_crash=on_crash,
+            has_reconcile=reconcile is not None,
+        )
+        return _Options(
+            key=key_names,
+            policy=policy,
+            lease=_seconds(lease, "lease", allow_zero=False),
+            wait=_seconds(wait, "wait", allow_zero=True),
+            reconcile=reconcile,
+        )
+
+
+def _wants_effect(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    p = params.get("effect")
+    return p is not None and p.kind is not inspect.Parameter.POSITIONAL_ONLY
+
+
+def _is_async(fn: Any) -> bool:
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = type(fn).__call__ if not inspect.isfunction(fn) and not inspect.ismethod(fn) else None
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class Ledger:
+    """A ledger of tool calls on one database.
+
+    ``Ledger()`` uses ``$AGENT_LEDGER_URL`` or the SQLite file ``./agent_ledger.db``. ``lease`` is how
+    long a claim lives without a heartbeat, ``wait`` how long a second caller waits for a running call
+    to finish (0: don't wait). Each accepts seconds or a ``timedelta``.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        lease: float | timedelta = DEFAULT_LEASE,
+        wait: float | timedelta = DEFAULT_WAIT,
+        max_args_bytes: int = _keys.DEFAULT_MAX_ARGS_BYTES,
+        table_prefix: str = DEFAULT_PREFIX,
+        schema: str | None = None,
+        auto_migrate: bool | None = None,
+        detect_local_crashes: bool = True,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        resolved = url or os.environ.get("AGENT_LEDGER_URL") or DEFAULT_URL
+        if not isinstance(max_args_bytes, int) or max_args_bytes <= 0:
+            raise ConfigurationError(f"max_args_bytes must be a positive int, not {max_args_bytes!r}")
+        if not table_prefix.replace("_", "").isalnum():
+            raise ConfigurationError(f"table_prefix must be letters, digits and underscores, not {table_prefix!r}")
+        self.url = resolved
+        self.lease = _seconds(lease, "lease", allow_zero=False) or DEFAULT_LEASE
+        self.wait = _seconds(wait, "wait", allow_zero=True)
+        self.max_args_bytes = max_args_bytes
+        self.detect_local_crashes = detect_local_crashes
+        self.tables = build_tables(table_prefix, schema)
+        self._rt = Runtime(resolved, self.tables, auto_migrate=auto_migrate, engine_options=engine_options)
+        self.owner = make_owner()
+        self._tools: dict[str, Callable[..., Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"Ledger({self._rt.dialect}, tables={self.tables.effects.name!r})"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Create or upgrade the ledger's tables with the shipped alembic migrations."""
+        self._rt.migrate()
+
+    def flush(self) -> None:
+        """Write buffered replay records now (they are otherwise written within half a second)."""
+        self._rt.flush()
+
+    def close(self) -> None:
+        """Flush buffered records, stop background threads and close pooled connections."""
+        self._rt.close()
+
+    async def aclose(self) -> None:
+        """``close()`` for async users: also disposes the async engine of the running loop."""
+        await self._rt.aclose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Ledger:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # -- workflows -------------------------------------------------------------------------
+
+    def workflow(self, workflow_id: str) -> Workflow:
+        """Set the workflow id for decorated tools: ``with ledger.workflow("order-123"): charge(...)``."""
+        return Workflow(workflow_id)
+
+    # -- planning --------------------------------------------------------------------------
+
+    def _plan(
+        self,
+        *,
+        workflow_id: str,
+        tool: str,
+        args: Mapping[str, Any],
+        invoke: Callable[[Effect], Any],
+        options: _Options,
+        decode: Callable[[Any], Any] | None,
+    ) -> Plan:
+        normalised = _keys.normalise(dict(args), "args")
+        size = len(_keys.canonical(normalised))
+        if size > self.max_args_bytes:
+            raise InvalidArguments(
+                f"arguments of tool {tool!r} are {size} bytes as canonical JSON, over the limit of "
+                f"{self.max_args_bytes} (Ledger(max_args_bytes=...)): store large payloads elsewhere and "
+                f"pass a reference",
+                path="args",
+            )
+        if options.key is not None:
+            missing = [k for k in options.key if k not in normalised]
+            if missing:
+                raise InvalidArguments(
+                    f"tool {tool!r} keys on {list(options.key)} but the call has no argument(s) {missing}",
+                    path="args",
+                )
+            key_args = {k: normalised[k] for k in options.key}
+        else:
+            key_args = normalised
+        return Plan(
+            store=self._rt.store,
+            key=_keys.compute_key(workflow_id, tool, key_args),
+            workflow_id=workflow_id,
+            tool=tool,
+            args=normalised,
+            call_args=dict(args),
+            payload_hash=_keys.payload_hash(tool, normalised),
+            invoke=invoke,
+            policy=options.policy,
+            owner=self.owner,
+            lease=options.lease or self.lease,
+            wait=options.wait if options.wait is not None else (self.wait if self.wait is not None else DEFAULT_WAIT),
+            reconcile=options.reconcile,
+            decode=decode,
+            detect_local_crashes=self.detect_local_crashes,
+        )
+
+    # -- the explicit form -----------------------------------------------------------------
+
+    @overload
+    def run(
+        self,
+        call: ToolCall,
+        handler: Callable[..., Coroutine[Any, Any, R]],
+        *,
+        key: Iterable[str] | None = ...,
+        result_type: Any = ...,
+        on_error: OnError | None = ...,
+        retry_on: Iterable[type[BaseException]] | None = ...,
+        on_crash: OnCrash = ...,
+        reconcile: Callable[[Effect], Any] | None = ...,
+        lease: float | timedelta | None = ...,
+        wait: float | timedelta | None = ...,
+    ) -> Coroutine[Any, Any, R]: ...
+
+    @overload
+    def run(
+        self,
+        call: ToolCall,
+        handler: Callable[..., R],
+        *,
+        key: Iterable[str] | None = ...,
+        result_type: Any = ...,
+        on_error: OnError | None = ...,
+        retry_on: Iterable[type[BaseException]] | None = ...,
+        on_crash: OnCrash = ...,
+        reconcile: Callable[[Effect], Any] | None = ...,
+        lease: float | timedelta | None = ...,
+        wait: float | timedelta | None = ...,
+    ) -> R: ...
+
+    def run(
+        self,
+        call: ToolCall,
+        handler: Callable[..., Any],
+        *,
+        key: Iterable[str] | None = None,
+        result_type: Any = _UNSET,
+        on_error: OnError | None = None,
+        retry_on: Iterable[type[BaseException]] | None = None,
+        on_crash: OnCrash = "unknown",
+        reconcile: Callable[[Effect], Any] | None = None,
+        lease: float | timedelta | None = None,
+        wait: float | timedelta | None = None,
+    ) -> Any:
+        """Run ``handler(**call.args)`` once for this call's key; replay the recorded outcome after that.
+
+        A sync handler returns the result; an async handler makes this return an awaitable. The handler
+        also receives the ``Effect`` if it declares a parameter named ``effect``. On a replay the stored
+        JSON is returned, rebuilt as ``result_type`` when given (a pydantic model, dataclass, ...).
+        """
+        plan = self._call_plan(call, handler, key, result_type, on_error, retry_on, on_crash, reconcile, lease, wait)
+        if _is_async(handler):
+            return self._rt.run_async(execute(plan))
+        return self._rt.run_sync(execute(plan))
+
+    async def arun(
+        self,
+        call: ToolCall,
+        handler: Callable[..., Any],
+        *,
+        key: Iterable[str] | None = None,
+        result_type: Any = _UNSET,
+        on_error: OnError | None = None,
+        retry_on: Iterable[type[BaseException]] | None = None,
+        on_crash: OnCrash = "unknown",
+        reconcile: Callable[[Effect], Any] | None = None,
+        lease: float | timedelta | None = None,
+        wait: float | timedelta | None = None,
+    ) -> Any:
+        """``run`` for async code: awaits async handlers and calls sync ones in the event loop."""
+        plan = self._call_plan(call, handler, key, result_type, on_error, retry_on, on_crash, reconcile, lease, wait)
+        return await self._rt.run_async(execute(plan))
+
+    def _call_plan(
+        self,
+        call: ToolCall,
+        handler: Callable[..., Any],
+        key: Iterable[str] | None,
+        result_type: Any,
+        on_error: OnError | None,
+        retry_on: Iterable[type[BaseException]] | None,
+        on_crash: OnCrash,
+        reconcile: Callable[[Effect], Any] | None,
+        lease: float | timedelta | None,
+        wait: float | timedelta | None,
+    ) -> Plan:
+        if not isinstance(call, ToolCall):
+            raise InvalidArguments(f"ledger.run takes a ToolCall, not {type(call).__qualname__}")
+        if not callable(handler):
+            raise InvalidArguments(f"handler must be callable, not {handler!r}")
+        options = _Options.build(
+            key=key,
+            on_error=on_error,
+            retry_on=retry_on,
+            on_crash=on_crash,
+            reconcile=reconcile,
+            lease=lease,
+            wait=wait,
+        )
+        args = dict(call.args)
+        if "effect" in args and _wants_effect(handler):
+            raise InvalidArguments(
+                f"tool {call.tool!r}: the argument name 'effect' is reserved for the Effect the handler receives"
+            )
+        try:
+            sig = inspect.signature(handler)
+        except (TypeError, ValueError):
+            sig = None
+        wants = _wants_effect(handler)
+        if sig is not None:
+            try:
+                sig.bind(**args, **({"effect": None} if wants else {}))
+            except TypeError as e:
+                raise InvalidArguments(
+                    f"arguments {sorted(args)} do not fit handler {getattr(handler, '__qualname__', handler)!r}: {e}"
+                ) from e
+
+        def invoke(effect: Effect) -> Any:
+            return handler(**args, effect=effect) if wants else handler(**args)
+
+        decode = None if result_type is _UNSET else TypeAdapter(result_type).validate_python
+        return self._plan(
+            workflow_id=call.workflow_id,
+            tool=call.tool,
+            args=args,
+            invoke=invoke,
+            options=options,
+            decode=decode,
+        )
+
+    # -- the decorator ---------------------------------------------------------------------
+
+    @overload
+    def tool(self, name: Callable[P, R], /) -> Callable[P, R]: ...
+
+    @overload
+    def tool(
+        self,
+        name: str | None = None,
+        /,
+        *,
+        key: Iterable[str] | None = None,
+        on_error: OnError | None = None,
+        retry_on: Iterable[type[BaseException]] | None = None,
+        on_crash: OnCrash = "unknown",
+        reconcile: Callable[[Effect], Any] | None = None,
+        lease: float | timedelta | None = None,
+        wait: float | timedelta | None = None,
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+    def tool(
+        self,
+        name: str | Callable[..., Any] | None = None,
+        /,
+        *,
+        key: Iterable[str] | None = None,
+        on_error: OnError | None = None,
+        retry_on: Iterable[type[BaseException]] | None = None,
+        on_crash: OnCrash = "unknown",
+        reconcile: Callable[[Effect], Any] | None = None,
+        lease: float | timedelta | None = None,
+        wait: float | timedelta | None = None,
+    ) -> Any:
+        """Make a function a ledgered tool: each call runs once per (workflow, tool, args) key.
+
+        ``name`` defaults to ``module.qualname``. ``key`` restricts the key to some arguments (the full
+        payload is still checked). ``on_error`` / ``retry_on`` choose whether a recorded failure is
+        retried or replayed; ``on_crash`` what happens after a worker died mid-call; ``reconcile`` looks
+        an uncertain call up downstream. The decorated function keeps its signature; calls need a
+        ``ledger.workflow(...)`` in context.
+        """
+        options = _Options.build(
+            key=key,
+            on_error=on_error,
+            retry_on=retry_on,
+            on_crash=on_crash,
+            reconcile=reconcile,
+            lease=lease,
+            wait=wait,
+        )
+        if callable(name):
+            return self._decorate(name, None, options)
+        if name is not None and (not isinstance(name, str) or not name or len(name) > 255):
+            raise ConfigurationError(f"tool name must be a non-empty string of at most 255 characters, not {name!r}")
+
+        def decorator(fn: Callable[P, R]) -> Callable[P, R]:
+            return self._decorate(fn, name, options)
+
+        return decorator
+
+    def _decorate(self, fn: Callable[P, R], name: str | None, options: _Options) -> Callable[P, R]:
+        if not callable(fn):
+            raise ConfigurationError(f"@ledger.tool decorates functions, not {fn!r}")
+        tool_name = name or f"{fn.__module__}.{fn.__qualname__}"
+        sig = inspect.signature(fn)
+        params = sig.parameters
+        wants = "effect" in params
+        if wants and params["effect"].kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise ConfigurationError(f"tool {tool_name!r}: the 'effect' parameter cannot be positional-only")
+        public = sig.replace(parameters=[p for n, p in params.items() if n != "effect"])
+        if options.key is not None:
+            unknown = [k for k in options.key if k not in public.parameters]
+            if unknown:
+                raise ConfigurationError(
+                    f"tool {tool_name!r}: key names {unknown} are not parameters of {fn.__qualname__}{public}"
+                )
+        by_name = not any(
+            p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL)
+            for p in public.parameters.values()
+        )
+        decode = _return_decoder(fn)
+        previous = self._tools.get(tool_name)
+        if previous is not None and (
+            getattr(previous, "__module__", None),
+            getattr(previous, "__qualname__", None),
+        ) != (fn.__module__, fn.__qualname__):
+            raise ConfigurationError(
+                f"tool name {tool_name!r} is already used by {previous.__module__}.{previous.__qualname__} "
+                f"on this ledger: give one of them another name"
+            )
+        self._tools[tool_name] = fn
+
+        def plan_for(a: tuple[Any, ...], kw: dict[str, Any]) -> Plan:
+            workflow_id = _workflow.get()
+            if workflow_id is None:
+                raise NoWorkflow(tool_name)
+            try:
+                bound = public.bind(*a, **kw)
+            except TypeError as e:
+                raise InvalidArguments(f"tool {tool_name!r} called with arguments that do not fit {public}: {e}") from e
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            call_args, call_kwargs = bound.args, bound.kwargs
+
+            def invoke(effect: Effect) -> Any:
+                target: Callable[..., Any] = fn
+                extra = {"effect": effect} if wants else {}
+                if by_name:
+                    return target(**arguments, **extra)
+                return target(*call_args, **call_kwargs, **extra)
+
+            return self._plan(
+                workflow_id=workflow_id,
+                tool=tool_name,
+                args=arguments,
+                invoke=invoke,
+                options=options,
+                decode=decode,
+            )
+
+        if _is_async(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*a: Any, **kw: Any) -> Any:
+                return await self._rt.run_async(execute(plan_for(a, kw)))
+
+            wrapper: Any = async_wrapper
+        else:
+
+            @functools.wraps(fn)
+            def sync_wrapper(*a: Any, **kw: Any) -> Any:
+                return self._rt.run_sync(execute(plan_for(a, kw)))
+
+            wrapper = sync_wrapper
+        wrapper.__signature__ = public
+        wrapper.tool_name = tool_name
+        wrapper.ledger = self
+        return typing.cast(Callable[P, R], wrapper)
+
+    # -- audit -----------------------------------------------------------------------------
+
+    def effect(self, key: str) -> EffectRecord | None:
+        """The stored effect of ``key`` with its audit events, or None."""
+        self._rt.flush()
+        found = self._rt.do(self._rt.store.load(key))
+        if found is None:
+            return None
+        events = self._rt.do(self._rt.store.events_for_key(key))
+        return _record(found, [AuditEvent.model_validate(dict(e)) for e in events])
+
+    def history(self, workflow_id: str) -> list[EffectRecord]:
+        """The workflow's effects in the order they were first called, each with its audit events."""
+        self._rt.flush()
+        store = self._rt.store
+        effects = self._rt.do(store.effects_for_workflow(workflow_id))
+        events = self._rt.do(store.events_for_workflow(workflow_id))
+        by_key: dict[str, list[AuditEvent]] = {}
+        for e in events:
+            by_key.setdefault(e["key"], []).append(AuditEvent.model_validate(dict(e)))
+        return [_record(m, by_key.get(m["key"], [])) for m in effects]
+
+    def resolve(
+        self,
+        key: str,
+        *,
+        result: Any = _UNSET,
+        error: BaseException | str | None = None,
+        retry: bool = False,
+        by: str,
+        reason: str | None = None,
+        force: bool = False,
+    ) -> EffectRecord:
+        """Settle an effect whose outcome the ledger cannot know (or correct a failed one) by hand.
+
+        Exactly one of ``result=`` (it happened: later calls replay this), ``error=`` (it failed: later
+        calls follow the error policy) or ``retry=True`` (it did not happen: the next call runs the
+        handler again). ``by`` names who decided; it is audited. A running effect whose lease is live is
+        refused unless ``force=True``.
+        """
+        chosen = [result is not _UNSET, error is not None, bool(retry)]
+        if sum(chosen) != 1:
+            raise InvalidArguments("resolve takes exactly one of result=..., error=... or retry=True")
+        if not isinstance(by, str) or not by:
+            raise InvalidArguments("resolve needs by='<who decided>' for the audit trail")
+        found = self._rt.do(self._rt.store.load(key))
+        if found is None:
+            raise LedgerError(f"no effect with key {key!r}")
+        row = row_from_mapping(found)
+        now = utcnow()
+        if (
+            row.status is Status.RUNNING
+            and not force
+            and not owner_gone(row.owner)
+            and row.lease_expires_at is not None
+            and row.lease_expires_at > now
+        ):
+            raise LedgerError(
+                f"key {key} is running in {row.owner} with a live lease until {row.lease_expires_at.isoformat()}; "
+                f"wait for it, or pass force=True if you know that worker is gone"
+            )
+        store = self._rt.store
+        if result is not _UNSET:
+            data, replayable, _shown, why = encode_result(result)
+            if not replayable:
+                raise InvalidArguments(f"resolve(result=...) needs a JSON-serialisable result: {why}")
+            transition(row.status, "resolve_result")
+            work = store.resolve(
+                row=row, event="resolve_result", by=by, now=now, result=data, result_replayable=True, reason=reason
+            )
+        elif error is not None:
+            info = (
+                describe_error(error)
+                if isinstance(error, BaseException)
+                else {"type": "agent_ledger.ResolvedError", "message": str(error), "traceback": None, "classes": []}
+            )
+            work = store.resolve(row=row, event="resolve_error", by=by, now=now, error=info, reason=reason)
+        else:
+            work = store.resolve(row=row, event="resolve_retry", by=by, now=now, reason=reason)
+        if not self._rt.do(work):
+            raise IllegalTransition(row.status.value, "resolve (the effect changed meanwhile; look again)")
+        record = self.effect(key)
+        assert record is not None
+        return record
+
+
+def _record(m: Mapping[str, Any], events: list[AuditEvent]) -> EffectRecord:
+    error = m["error"]
+    return EffectRecord(
+        key=m["key"],
+        workflow_id=m["workflow_id"],
+        tool=m["tool"],
+        status=Status(m["status"]),
+        attempts=m["attempt"],
+        payload_hash=m["payload_hash"],
+        args=m["args"],
+        result=m["result"],
+        result_replayable=m["result_replayable"],
+        result_repr=m["result_repr"],
+        error=ErrorInfo.model_validate(error) if error else None,
+        owner=m["owner"],
+        lease_expires_at=m["lease_expires_at"],
+        created_at=m["created_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        replays=sum(1 for e in events if e.kind == "replayed"),
+        events=events,
+    )
+
+
+def _return_decoder(fn: Callable[..., Any]) -> Callable[[Any], Any] | None:
+    """Validate replayed results into the function's annotated return type (lazily resolved)."""
+    if inspect.signature(fn).return_annotation is inspect.Signature.empty:
+        return None
+    adapter: list[TypeAdapter[Any]] = []
+
+    def decode(value: Any) -> Any:
+        if not adapter:
+            try:
+                hint = typing.get_type_hints(fn).get("return", Any)
+            except Exception as e:
+                raise ConfigurationError(
+                    f"cannot resolve the return annotation of {fn.__qualname__} to rebuild replayed results: {e}"
+                ) from e
+            if hint is Any:
+                return value
+            adapter.append(TypeAdapter(hint))
+        return adapter[0].validate_python(value)
+
+    return decode

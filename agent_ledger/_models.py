@@ -1,0 +1,114 @@
+"""Public data types: the call, the effect handed to handlers, statuses and audit records."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["AuditEvent", "Effect", "EffectRecord", "ErrorInfo", "Status", "ToolCall"]
+
+
+class Status(str, enum.Enum):
+    """Where an effect stands. See ``agent_ledger.TRANSITIONS`` for the allowed moves."""
+
+    RUNNING = "running"
+    """Claimed by a worker (``owner``) whose lease runs until ``lease_expires_at``."""
+    SUCCEEDED = "succeeded"
+    """The handler returned; the result is recorded and replayed to later calls."""
+    FAILED = "failed"
+    """The last attempt raised; the error is recorded. The next call retries or replays it by policy."""
+    UNKNOWN = "unknown"
+    """A worker died or lost its lease mid-call; nobody knows whether the side effect happened."""
+    PENDING = "pending"
+    """Released for another run (``resolve(retry=True)``): the next call runs the handler again."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ToolCall(BaseModel):
+    """One call of a tool: which workflow, which tool, with which arguments.
+
+    The key is derived from these three only: never from a model's per-attempt ``tool_call.id``.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    workflow_id: str = Field(min_length=1, max_length=255)
+    tool: str = Field(min_length=1, max_length=255)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What a handler learns about the call it is executing (declare a parameter named ``effect``).
+
+    ``idem_key`` is stable across attempts and retries of the same call and at most 255 ASCII
+    characters: pass it downstream (for example as Stripe's ``Idempotency-Key``) so the downstream
+    system deduplicates too. ``attempt`` counts the claims of this key, starting at 1.
+    """
+
+    key: str
+    idem_key: str
+    attempt: int
+    workflow_id: str
+    tool: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ErrorInfo(BaseModel):
+    """A recorded exception."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+    classes: list[str] = Field(default_factory=list)
+
+
+class AuditEvent(BaseModel):
+    """One row of the append-only audit trail."""
+
+    id: int
+    key: str
+    workflow_id: str
+    tool: str
+    kind: str
+    attempt: int | None
+    owner: str | None
+    at: datetime
+    detail: dict[str, Any] | None = None
+
+
+class EffectRecord(BaseModel):
+    """The stored state of one key, with its audit events (oldest first)."""
+
+    key: str
+    workflow_id: str
+    tool: str
+    status: Status
+    attempts: int
+    payload_hash: str
+    args: dict[str, Any]
+    result: Any = None
+    result_replayable: bool | None = None
+    result_repr: str | None = None
+    error: ErrorInfo | None = None
+    owner: str | None = None
+    lease_expires_at: datetime | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    replays: int = 0
+    events: list[AuditEvent] = Field(default_factory=list)
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds the last attempt took, when it finished."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()

@@ -1,0 +1,529 @@
+"""The I/O side: engines, the sync and async drivers of ``_flow``, heartbeats and batched replay records.
+
+Both drivers perform the same operations; neither bridges into the other (no event loop inside sync
+calls, no thread pool around database I/O inside async calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Generator, Iterator, Mapping
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, exc, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from ._flow import Beat, Db, Invoke, Op, Replayed, Sleep, StopBeat, utcnow
+from ._schema import Tables
+from ._store import Store, Work
+from .errors import ConfigurationError, SchemaMissing, StorageError
+
+__all__ = ["Runtime", "normalise_url"]
+
+log = logging.getLogger("agent_ledger")
+
+_MISSING_SCHEMA_HINTS = ("no such table", "no such column", "does not exist", "undefinedtable", "undefinedcolumn")
+
+
+def normalise_url(url: str) -> tuple[str, str, str]:
+    """(dialect, sync URL, async URL) for a user's database URL; refuses what the ledger cannot use."""
+    try:
+        u = make_url(url)
+    except Exception as e:
+        raise ConfigurationError(f"cannot parse database URL {url!r}: {e}") from e
+    backend = u.get_backend_name()
+    driver = u.get_driver_name() if "+" in u.drivername else None
+    if backend in ("postgresql", "postgres"):
+        if driver not in (None, "psycopg", "psycopg_async"):
+            raise ConfigurationError(
+                f"database URL {url!r} uses the driver {driver!r}: agent_ledger talks to Postgres through "
+                f"psycopg 3; write postgresql+psycopg://..."
+            )
+        pg = u.set(drivername="postgresql+psycopg")
+        s = pg.render_as_string(hide_password=False)
+        return "postgresql", s, s
+    if backend == "sqlite":
+        if driver not in (None, "pysqlite", "aiosqlite"):
+            raise ConfigurationError(f"database URL {url!r}: SQLite is used through sqlite3/aiosqlite")
+        if not u.database or u.database == ":memory:" or u.query.get("mode") == "memory":
+            raise ConfigurationError(
+                f"database URL {url!r} is an in-memory SQLite database: sync and async calls and other "
+                f"processes would each see a different, empty database. Use a file, e.g. "
+                f"sqlite:///agent_ledger.db (or a tmp_path in tests)."
+            )
+        return (
+            "sqlite",
+            u.set(drivername="sqlite+pysqlite").render_as_string(hide_password=False),
+            u.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False),
+        )
+    raise ConfigurationError(
+        f"database URL {url!r}: agent_ledger supports postgresql+psycopg:// and sqlite:/// URLs, not {u.drivername!r}"
+    )
+
+
+def _sqlite_events(sync_engine: Engine) -> None:
+    @event.listens_for(sync_engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        # We issue BEGIN ourselves (IMMEDIATE for writes): sqlite3's implicit BEGIN DEFERRED lets two
+        # writers both read, then fail with SQLITE_BUSY on upgrade despite busy_timeout.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("agent_ledger_read"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _storage_error(e: exc.SQLAlchemyError, label: str) -> StorageError:
+    text = str(getattr(e, "orig", None) or e)
+    low = text.lower() + type(getattr(e, "orig", e)).__name__.lower()
+    if any(h in low for h in _MISSING_SCHEMA_HINTS):
+        return SchemaMissing(
+            f"the ledger's tables are missing or out of date ({text.strip()}): run "
+            f"`agent-ledger migrate --url ...` or Ledger(url).migrate()"
+        )
+    return StorageError(f"database error during {label or 'a ledger operation'}: {text.strip()}")
+
+
+@contextlib.contextmanager
+def _mapped(label: str) -> Iterator[None]:
+    try:
+        yield
+    except exc.SQLAlchemyError as e:
+        raise _storage_error(e, label) from e
+    except OSError as e:
+        raise StorageError(f"database unreachable during {label or 'a ledger operation'}: {e}") from e
+
+
+def _outcome(res: Any, returns: str) -> Any:
+    if returns == "row":
+        return res.mappings().first()
+    if returns == "rows":
+        return res.mappings().all()
+    if returns == "rowcount":
+        return res.rowcount
+    return None
+
+
+def _matched(value: Any, returns: str) -> bool:
+    if returns == "row":
+        return value is not None
+    if returns == "rowcount":
+        return bool(value)
+    return True
+
+
+class Runtime:
+    """Engines plus the two drivers for one ledger."""
+
+    def __init__(
+        self,
+        url: str,
+        tables: Tables,
+        *,
+        auto_migrate: bool | None,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.dialect, self.sync_url, self.async_url = normalise_url(url)
+        self.tables = tables
+        self.store = Store(tables, self.dialect)
+        self.auto_migrate = (self.dialect == "sqlite") if auto_migrate is None else auto_migrate
+        self._engine_options = dict(engine_options or {})
+        self._engine: Engine | None = None
+        self._aengines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._schema_ok = False
+        self._heartbeats: _Heartbeats | None = None
+        self._replays = _ReplayBuffer(self)
+        self._closed = False
+        _live.add(self)
+
+    # -- engines ---------------------------------------------------------------------------
+
+    def _options(self, *, is_async: bool) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.dialect == "sqlite":
+            opts["connect_args"] = {"timeout": 30}
+            if not is_async:
+                opts["connect_args"]["check_same_thread"] = False
+        else:
+            opts["pool_pre_ping"] = True
+        opts.update(self._engine_options)
+        return opts
+
+    @property
+    def engine(self) -> Engine:
+        """The sync engine (created on first use)."""
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    eng = create_engine(self.sync_url, **self._options(is_async=False))
+                    if self.dialect == "sqlite":
+                        _sqlite_events(eng)
+                    self._engine = eng
+        return self._engine
+
+    @property
+    def aengine(self) -> AsyncEngine:
+        """The async engine of the running event loop (async connections cannot cross loops)."""
+        loop = asyncio.get_running_loop()
+        eng = self._aengines.get(loop)
+        if eng is None:
+            eng = create_async_engine(self.async_url, **self._options(is_async=True))
+            if self.dialect == "sqlite":
+                _sqlite_events(eng.sync_engine)
+            self._aengines[loop] = eng
+        return eng
+
+    # -- schema ----------------------------------------------------------------------------
+
+    def _probe(self) -> Any:
+        t = self.tables
+        return [select(t.effects).where(t.effects.c.key.is_(None)).limit(1), select(t.events).limit(0)]
+
+    def ensure_schema(self) -> None:
+        """Check (once) that the tables exist with every column; migrate or explain when they do not."""
+        if self._schema_ok:
+            return
+        try:
+            with self.engine.connect() as conn:
+                conn.execution_options(agent_ledger_read=True)
+                for q in self._probe():
+                    conn.execute(q)
+        except exc.SQLAlchemyError as e:
+            err = _storage_error(e, "schema check")
+            if not isinstance(err, SchemaMissing) or not self.auto_migrate:
+                raise err from e
+            self.migrate()
+        self._schema_ok = True
+
+    async def aensure_schema(self) -> None:
+        """The async twin of ``ensure_schema`` (migrations themselves always run on the sync engine)."""
+        if self._schema_ok:
+            return
+        try:
+            async with self.aengine.connect() as conn:
+                await conn.execution_options(agent_ledger_read=True)
+                for q in self._probe():
+                    await conn.execute(q)
+        except exc.SQLAlchemyError as e:
+            err = _storage_error(e, "schema check")
+            if not isinstance(err, SchemaMissing) or not self.auto_migrate:
+                raise err from e
+            self.migrate()
+        self._schema_ok = True
+
+    def migrate(self, revision: str = "head") -> None:
+        """Upgrade the database to ``revision`` with the shipped alembic migrations."""
+        from ._migrate import upgrade
+
+        with _mapped("migration"):
+            upgrade(self.engine, self.tables, revision)
+        self._schema_ok = True
+
+    # -- executing work --------------------------------------------------------------------
+
+    def do(self, work: Work) -> Any:
+        """Run one unit of work on the sync engine, in one transaction."""
+        self.ensure_schema()
+        with _mapped(work.label), self.engine.connect() as conn:
+            if not work.write:
+                conn.execution_options(agent_ledger_read=True)
+            with conn.begin():
+                return self._steps(conn, work)
+
+    @staticmethod
+    def _steps(conn: Connection, work: Work) -> Any:
+        (stmt, params), *rest = work.steps
+        out = _outcome(conn.execute(stmt, params), work.returns)
+        if rest and _matched(out, work.returns):
+            for stmt, params in rest:
+                conn.execute(stmt, params)
+        return out
+
+    async def ado(self, work: Work) -> Any:
+        """Run one unit of work on the async engine, in one transaction."""
+        await self.aensure_schema()
+        with _mapped(work.label):
+            async with self.aengine.connect() as conn:
+                if not work.write:
+                    await conn.execution_options(agent_ledger_read=True)
+                async with conn.begin():
+                    return await self._asteps(conn, work)
+
+    @staticmethod
+    async def _asteps(conn: AsyncConnection, work: Work) -> Any:
+        (stmt, params), *rest = work.steps
+        out = _outcome(await conn.execute(stmt, params), work.returns)
+        if rest and _matched(out, work.returns):
+            for stmt, params in rest:
+                await conn.execute(stmt, params)
+        return out
+
+    # -- the drivers -----------------------------------------------------------------------
+
+    def run_sync(self, flow: Generator[Op, Any, Any]) -> Any:
+        """Drive a flow with blocking I/O."""
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = flow.throw(error) if error is not None else flow.send(send)
+            except StopIteration as stop:
+                return stop.value
+            send, error = None, None
+            try:
+                send = self._perform(op)
+            except BaseException as e:
+                error = e
+
+    def _perform(self, op: Op) -> Any:
+        if isinstance(op, Db):
+            return self.do(op.work)
+        if isinstance(op, Invoke):
+            return op.fn(op.effect)
+        if isinstance(op, Replayed):
+            self._replays.add(op.event)
+            return None
+        if isinstance(op, Sleep):
+            time.sleep(op.seconds)
+            return None
+        if isinstance(op, Beat):
+            return self.heartbeats.start(op)
+        if isinstance(op, StopBeat):
+            self.heartbeats.stop(op.handle)
+            return None
+        raise AssertionError(f"unknown operation {op!r}")  # pragma: no cover
+
+    async def run_async(self, flow: Generator[Op, Any, Any]) -> Any:
+        """Drive a flow with asyncio I/O."""
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = flow.throw(error) if error is not None else flow.send(send)
+            except StopIteration as stop:
+                return stop.value
+            send, error = None, None
+            try:
+                send = await self._aperform(op)
+            except BaseException as e:
+                error = e
+
+    async def _aperform(self, op: Op) -> Any:
+        if isinstance(op, Db):
+            return await self.ado(op.work)
+        if isinstance(op, Invoke):
+            value = op.fn(op.effect)
+            if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+                value = await value
+            return value
+        if isinstance(op, Sleep):
+            await asyncio.sleep(op.seconds)
+            return None
+        if isinstance(op, Beat):
+            return asyncio.get_running_loop().create_task(self._abeat(op))
+        if isinstance(op, StopBeat):
+            op.handle.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await op.handle
+            return None
+        return self._perform(op)
+
+    async def _abeat(self, op: Beat) -> None:
+        interval = op.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            work = self.store.heartbeat(
+                key=op.key,
+                owner=op.owner,
+                attempt=op.attempt,
+                lease_expires_at=utcnow() + timedelta(seconds=op.lease),
+            )
+            try:
+                if not await self.ado(work):
+                    log.warning("lost the lease of %s (attempt %s): another worker took over", op.key, op.attempt)
+                    return
+            except StorageError as e:
+                log.warning("heartbeat for %s failed, will retry: %s", op.key, e)
+
+    @property
+    def heartbeats(self) -> _Heartbeats:
+        """The shared heartbeat thread of the sync driver (started on first use)."""
+        if self._heartbeats is None:
+            with self._lock:
+                if self._heartbeats is None:
+                    self._heartbeats = _Heartbeats(self)
+        return self._heartbeats
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write buffered replay records now."""
+        self._replays.flush()
+
+    def close(self) -> None:
+        """Flush, stop background threads and dispose the sync engine."""
+        if self._closed:
+            return
+        self._closed = True
+        self._replays.close()
+        if self._heartbeats is not None:
+            self._heartbeats.close()
+        if self._engine is not None:
+            self._engine.dispose()
+
+    async def aclose(self) -> None:
+        """``close()`` plus disposing the async engine."""
+        self.close()
+        loop = asyncio.get_running_loop()
+        eng = self._aengines.pop(loop, None)
+        if eng is not None:
+            await eng.dispose()
+
+    def after_fork(self) -> None:
+        """In a forked child: drop inherited connections and threads (they belong to the parent)."""
+        if self._engine is not None:
+            self._engine.dispose(close=False)
+        self._aengines = weakref.WeakKeyDictionary()
+        self._heartbeats = None
+        self._replays = _ReplayBuffer(self)
+        self._lock = threading.Lock()
+
+
+class _Heartbeats:
+    """One daemon thread extending the leases of every live sync claim of a runtime."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._cond = threading.Condition()
+        self._beats: dict[int, tuple[Beat, float]] = {}
+        self._next = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="agent-ledger-heartbeat", daemon=True)
+        self._thread.start()
+
+    def start(self, op: Beat) -> int:
+        with self._cond:
+            self._next += 1
+            self._beats[self._next] = (op, time.monotonic() + op.lease / 3)
+            self._cond.notify()
+            return self._next
+
+    def stop(self, handle: int) -> None:
+        with self._cond:
+            self._beats.pop(handle, None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                due = [(h, op) for h, (op, at) in self._beats.items() if at <= now]
+                for h, op in due:
+                    self._beats[h] = (op, now + op.lease / 3)
+                if not due:
+                    nxt = min((at for _, at in self._beats.values()), default=now + 60)
+                    self._cond.wait(max(0.0, nxt - now))
+                    continue
+            for h, op in due:
+                self._beat(h, op)
+
+    def _beat(self, handle: int, op: Beat) -> None:
+        work = self._rt.store.heartbeat(
+            key=op.key, owner=op.owner, attempt=op.attempt, lease_expires_at=utcnow() + timedelta(seconds=op.lease)
+        )
+        try:
+            if not self._rt.do(work):
+                log.warning("lost the lease of %s (attempt %s): another worker took over", op.key, op.attempt)
+                self.stop(handle)
+        except StorageError as e:
+            log.warning("heartbeat for %s failed, will retry: %s", op.key, e)
+
+
+class _ReplayBuffer:
+    """Replay records, written in batches by a background thread: replays stay one read on the hot path.
+
+    A process that dies loses at most the last ``interval`` seconds of replay counts, never an execution
+    record (those are written in the same transaction as the state change they describe).
+    """
+
+    def __init__(self, rt: Runtime, interval: float = 0.5, limit: int = 500) -> None:
+        self._rt = rt
+        self._interval = interval
+        self._limit = limit
+        self._items: list[Mapping[str, Any]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._items.append(row)
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._loop, name="agent-ledger-replays", daemon=True)
+                self._thread.start()
+            if len(self._items) >= self._limit:
+                self._wake.set()
+
+    def flush(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        if items:
+            try:
+                self._rt.do(self._rt.store.events(items))
+            except StorageError as e:
+                log.warning("could not record %d replays: %s", len(items), e)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self.flush()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            self.flush()
+
+
+_live: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+def _flush_all() -> None:
+    for rt in list(_live):
+        with contextlib.suppress(Exception):
+            rt.flush()
+
+
+def _reset_after_fork() -> None:
+    for rt in list(_live):
+        rt.after_fork()
+
+
+atexit.register(_flush_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)

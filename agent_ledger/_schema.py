@@ -1,0 +1,113 @@
+"""SQLAlchemy Core tables: the one source of the schema, for queries and for the migration test.
+
+Table names carry a configurable prefix (default ``agent_ledger_``) and may live in a Postgres schema,
+so the ledger can share a host application's database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator
+
+__all__ = ["DEFAULT_PREFIX", "SCHEMA_REVISION", "Tables", "UTCDateTime", "build_tables", "json_type"]
+
+DEFAULT_PREFIX = "agent_ledger_"
+SCHEMA_REVISION = "0001"
+"""The alembic revision these tables correspond to (a test checks it is the head)."""
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive, in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("agent_ledger stores aware datetimes only")
+        value = value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+def json_type() -> Any:
+    """JSON on SQLite, JSONB on Postgres; Python ``None`` is stored as JSON ``null``."""
+    return JSON(none_as_null=False).with_variant(JSONB(none_as_null=False), "postgresql")
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The ledger's tables for one prefix/schema."""
+
+    metadata: MetaData
+    effects: Table
+    events: Table
+
+
+def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tables:
+    """Declare the ledger's tables with the given name prefix, in the given schema (Postgres only)."""
+    md = MetaData(schema=schema)
+    effects = Table(
+        f"{prefix}effects",
+        md,
+        Column("key", String(80), primary_key=True),
+        Column("workflow_id", String(255), nullable=False),
+        Column("tool", String(255), nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("payload_hash", String(80), nullable=False),
+        Column("args", json_type(), nullable=False),
+        Column("result", json_type(), nullable=True),
+        Column("result_replayable", Boolean, nullable=True),
+        Column("result_repr", Text, nullable=True),
+        Column("error", json_type(), nullable=True),
+        Column("owner", String(255), nullable=True),
+        Column("lease_expires_at", UTCDateTime(), nullable=True),
+        Column("created_at", UTCDateTime(), nullable=False),
+        Column("started_at", UTCDateTime(), nullable=True),
+        Column("finished_at", UTCDateTime(), nullable=True),
+        Index(f"ix_{prefix}effects_workflow", "workflow_id", "created_at"),
+        Index(f"ix_{prefix}effects_status_lease", "status", "lease_expires_at"),
+    )
+    events = Table(
+        f"{prefix}events",
+        md,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("key", String(80), nullable=False),
+        Column("workflow_id", String(255), nullable=False),
+        Column("tool", String(255), nullable=False),
+        Column("kind", String(32), nullable=False),
+        Column("attempt", Integer, nullable=True),
+        Column("owner", String(255), nullable=True),
+        Column("at", UTCDateTime(), nullable=False),
+        Column("detail", json_type(), nullable=True),
+        Index(f"ix_{prefix}events_key", "key", "id"),
+        Index(f"ix_{prefix}events_workflow", "workflow_id", "at"),
+    )
+    return Tables(md, effects, events)

@@ -1,0 +1,408 @@
+"""Statement builders, one per state change. No I/O: they return ``Work`` that a driver executes.
+
+Every write is fenced: it names the state it expects (status, attempt, and for takeovers the observed
+lease; for completions the owner too), so a change lands only if nobody else moved the row first. The
+statements are built once per ``Store`` with bind parameters and executed with fresh values; dialect
+differences (the upsert) live here and only here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import Executable, and_, bindparam, insert, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ._decide import Row, transition
+from ._models import Status
+from ._schema import Tables
+
+__all__ = ["Store", "Work", "row_from_mapping"]
+
+Returns = Literal["row", "rows", "rowcount", "none"]
+
+
+@dataclass(frozen=True)
+class Work:
+    """Statements to run in one transaction.
+
+    The first statement's outcome is returned (a row mapping, all rows, or the rowcount). The rest run
+    only when the first one matched (a row came back or the rowcount was positive): they are the audit
+    rows of a fenced state change, written atomically with it or not at all.
+    """
+
+    steps: tuple[tuple[Executable, Mapping[str, Any] | Sequence[Mapping[str, Any]]], ...]
+    returns: Returns = "rowcount"
+    write: bool = True
+    label: str = field(default="", compare=False)
+
+
+def _p(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"p_{k}": v for k, v in params.items()}
+
+
+def row_from_mapping(m: Mapping[str, Any]) -> Row:
+    """Build a decision-core ``Row`` from a result mapping of the effects table."""
+    return Row(
+        key=m["key"],
+        workflow_id=m["workflow_id"],
+        tool=m["tool"],
+        status=Status(m["status"]),
+        attempt=m["attempt"],
+        payload_hash=m["payload_hash"],
+        args=m["args"],
+        owner=m["owner"],
+        lease_expires_at=m["lease_expires_at"],
+        started_at=m["started_at"],
+        result=m["result"],
+        result_replayable=m["result_replayable"],
+        result_repr=m["result_repr"],
+        error=m["error"],
+    )
+
+
+class Store:
+    """Prebuilt statements for one set of tables on one dialect (``postgresql`` or ``sqlite``)."""
+
+    def __init__(self, tables: Tables, dialect: str) -> None:
+        self.tables = tables
+        self.dialect = dialect
+        e = tables.effects
+        ev = tables.events
+
+        def b(name: str, **kw: Any) -> Any:
+            # Prefixed: bind names equal to column names are reserved in INSERT/UPDATE statements.
+            return bindparam(f"p_{name}", **kw)
+
+        self._load = select(e).where(e.c.key == b("key"))
+
+        ins = postgresql.insert(e) if dialect == "postgresql" else sqlite.insert(e)
+        self._claim_new = (
+            ins.values(
+                key=b("key"),
+                workflow_id=b("workflow_id"),
+                tool=b("tool"),
+                status=literal(transition(None, "claim").value),
+                attempt=literal(1),
+                payload_hash=b("payload_hash"),
+                args=b("args", type_=e.c.args.type),
+                owner=b("owner"),
+                lease_expires_at=b("lease_expires_at", type_=e.c.lease_expires_at.type),
+                created_at=b("now", type_=e.c.created_at.type),
+                started_at=b("now", type_=e.c.started_at.type),
+            )
+            .on_conflict_do_nothing(index_elements=[e.c.key])
+            .returning(e.c.attempt)
+        )
+
+        # A new claim of an existing key: fenced on the status and attempt that were observed, and for
+        # a running row on the observed lease too, so a heartbeat that lands first wins the race.
+        self._claim_again = (
+            update(e)
+            .where(
+                e.c.key == b("key"),
+                e.c.status == b("expected_status"),
+                e.c.attempt == b("expected_attempt"),
+            )
+            .values(
+                status=Status.RUNNING.value,
+                attempt=e.c.attempt + 1,
+                owner=b("owner"),
+                lease_expires_at=b("lease_expires_at", type_=e.c.lease_expires_at.type),
+                started_at=b("now", type_=e.c.started_at.type),
+                finished_at=None,
+                result=None,
+                result_replayable=None,
+                result_repr=None,
+            )
+        )
+        self._claim_running = self._claim_again.where(
+            e.c.lease_expires_at == b("observed_lease", type_=e.c.lease_expires_at.type)
+        )
+
+        owned = and_(
+            e.c.key == b("key"),
+            e.c.owner == b("owner"),
+            e.c.attempt == b("attempt"),
+            e.c.status == Status.RUNNING.value,
+        )
+        self._heartbeat = (
+            update(e).where(owned).values(lease_expires_at=b("lease_expires_at", type_=e.c.lease_expires_at.type))
+        )
+        self._complete = (
+            update(e)
+            .where(owned)
+            .values(
+                status=b("status"),
+                result=b("result", type_=e.c.result.type),
+                result_replayable=b("result_replayable"),
+                result_repr=b("result_repr"),
+                error=b("error", type_=e.c.error.type),
+                lease_expires_at=None,
+                finished_at=b("now", type_=e.c.finished_at.type),
+            )
+        )
+        self._mark_unknown = (
+            update(e)
+            .where(
+                e.c.key == b("key"),
+                e.c.status == Status.RUNNING.value,
+                e.c.attempt == b("expected_attempt"),
+                e.c.lease_expires_at == b("observed_lease", type_=e.c.lease_expires_at.type),
+            )
+            .values(
+                status=transition(Status.RUNNING, "mark_unknown").value,
+                lease_expires_at=None,
+                finished_at=b("now", type_=e.c.finished_at.type),
+            )
+        )
+        self._resolve = (
+            update(e)
+            .where(e.c.key == b("key"), e.c.status == b("expected_status"), e.c.attempt == b("expected_attempt"))
+            .values(
+                status=b("status"),
+                result=b("result", type_=e.c.result.type),
+                result_replayable=b("result_replayable"),
+                result_repr=b("result_repr"),
+                error=b("error", type_=e.c.error.type),
+                owner=None,
+                lease_expires_at=None,
+                finished_at=b("now", type_=e.c.finished_at.type),
+            )
+        )
+        self._event = insert(ev).values(
+            key=b("key"),
+            workflow_id=b("workflow_id"),
+            tool=b("tool"),
+            kind=b("kind"),
+            attempt=b("attempt"),
+            owner=b("owner"),
+            at=b("at", type_=ev.c.at.type),
+            detail=b("detail", type_=ev.c.detail.type),
+        )
+        self._events_for_workflow = select(ev).where(ev.c.workflow_id == b("workflow_id")).order_by(ev.c.id)
+        self._events_for_key = select(ev).where(ev.c.key == b("key")).order_by(ev.c.id)
+        self._effects_for_workflow = (
+            select(e).where(e.c.workflow_id == b("workflow_id")).order_by(e.c.created_at, e.c.key)
+        )
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def load(self, key: str) -> Work:
+        """The stored row of ``key`` (or None)."""
+        return Work(((self._load, _p({"key": key})),), returns="row", write=False, label="load")
+
+    def effects_for_workflow(self, workflow_id: str) -> Work:
+        """Every effect of a workflow, in creation order."""
+        return Work(((self._effects_for_workflow, _p({"workflow_id": workflow_id})),), "rows", False, "effects")
+
+    def events_for_workflow(self, workflow_id: str) -> Work:
+        """Every audit event of a workflow, oldest first."""
+        return Work(((self._events_for_workflow, _p({"workflow_id": workflow_id})),), "rows", False, "events")
+
+    def events_for_key(self, key: str) -> Work:
+        """Every audit event of one key, oldest first."""
+        return Work(((self._events_for_key, _p({"key": key})),), "rows", False, "events")
+
+    # -- state changes ---------------------------------------------------------------------
+
+    def claim_new(
+        self,
+        *,
+        key: str,
+        workflow_id: str,
+        tool: str,
+        payload_hash: str,
+        args: Any,
+        owner: str,
+        lease_expires_at: datetime,
+        now: datetime,
+    ) -> Work:
+        """Insert the row as ``running`` for ``owner``; returns a row only to the one caller that wins."""
+        params = {
+            "key": key,
+            "workflow_id": workflow_id,
+            "tool": tool,
+            "payload_hash": payload_hash,
+            "args": args,
+            "owner": owner,
+            "lease_expires_at": lease_expires_at,
+            "now": now,
+        }
+        return Work(((self._claim_new, _p(params)),), returns="row", label="claim")
+
+    def claim_again(
+        self,
+        *,
+        event: str,
+        row: Row,
+        owner: str,
+        lease_expires_at: datetime,
+        now: datetime,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Work:
+        """Claim an existing key for a retry, takeover or reconciliation; rowcount 1 only for the winner."""
+        transition(row.status, event)
+        params: dict[str, Any] = {
+            "key": row.key,
+            "expected_status": row.status.value,
+            "expected_attempt": row.attempt,
+            "owner": owner,
+            "lease_expires_at": lease_expires_at,
+            "now": now,
+        }
+        stmt = self._claim_again
+        if row.status is Status.RUNNING:
+            stmt = self._claim_running
+            params["observed_lease"] = row.lease_expires_at
+        audit = self._event_params(
+            row.key,
+            row.workflow_id,
+            row.tool,
+            event,
+            row.attempt + 1,
+            owner,
+            now,
+            {"previous_status": row.status.value, "previous_owner": row.owner, **(detail or {})},
+        )
+        return Work(((stmt, _p(params)), (self._event, _p(audit))), label=event)
+
+    def heartbeat(self, *, key: str, owner: str, attempt: int, lease_expires_at: datetime) -> Work:
+        """Extend the lease of a live claim; rowcount 0 means the claim was lost."""
+        params = {"key": key, "owner": owner, "attempt": attempt, "lease_expires_at": lease_expires_at}
+        return Work(((self._heartbeat, _p(params)),), label="heartbeat")
+
+    def finish(
+        self,
+        *,
+        event: Literal["succeed", "fail"],
+        key: str,
+        workflow_id: str,
+        tool: str,
+        owner: str,
+        attempt: int,
+        now: datetime,
+        result: Any = None,
+        result_replayable: bool | None = None,
+        result_repr: str | None = None,
+        error: Mapping[str, Any] | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Work:
+        """Record the outcome of our own attempt, fenced on owner and attempt, with its audit row."""
+        status = transition(Status.RUNNING, event)
+        params = {
+            "key": key,
+            "owner": owner,
+            "attempt": attempt,
+            "status": status.value,
+            "result": result,
+            "result_replayable": result_replayable,
+            "result_repr": result_repr,
+            "error": error,
+            "now": now,
+        }
+        audit = self._event_params(key, workflow_id, tool, status.value, attempt, owner, now, dict(detail or {}))
+        return Work(((self._complete, _p(params)), (self._event, _p(audit))), label=event)
+
+    def mark_unknown(self, *, row: Row, now: datetime, by: str, detail: Mapping[str, Any]) -> Work:
+        """Record that the observed attempt's outcome is unknown (its owner died or its lease ran out)."""
+        params = {
+            "key": row.key,
+            "expected_attempt": row.attempt,
+            "observed_lease": row.lease_expires_at,
+            "now": now,
+        }
+        audit = self._event_params(
+            row.key,
+            row.workflow_id,
+            row.tool,
+            "marked_unknown",
+            row.attempt,
+            row.owner,
+            now,
+            {"by": by, **detail},
+        )
+        return Work(((self._mark_unknown, _p(params)), (self._event, _p(audit))), label="mark_unknown")
+
+    def resolve(
+        self,
+        *,
+        row: Row,
+        event: Literal["resolve_result", "resolve_error", "resolve_retry"],
+        by: str,
+        now: datetime,
+        result: Any = None,
+        result_replayable: bool | None = None,
+        result_repr: str | None = None,
+        error: Mapping[str, Any] | None = None,
+        reason: str | None = None,
+    ) -> Work:
+        """Settle an effect by hand (or by a reconcile callback), fenced on its observed state."""
+        status = transition(row.status, event)
+        params = {
+            "key": row.key,
+            "expected_status": row.status.value,
+            "expected_attempt": row.attempt,
+            "status": status.value,
+            "result": result,
+            "result_replayable": result_replayable,
+            "result_repr": result_repr,
+            "error": error,
+            "now": now,
+        }
+        audit = self._event_params(
+            row.key,
+            row.workflow_id,
+            row.tool,
+            "resolved",
+            row.attempt,
+            by,
+            now,
+            {"to": status.value, "from": row.status.value, "reason": reason},
+        )
+        return Work(((self._resolve, _p(params)), (self._event, _p(audit))), label=event)
+
+    def event(
+        self,
+        *,
+        key: str,
+        workflow_id: str,
+        tool: str,
+        kind: str,
+        attempt: int | None,
+        owner: str | None,
+        at: datetime,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Work:
+        """Append one audit row."""
+        params = self._event_params(key, workflow_id, tool, kind, attempt, owner, at, detail)
+        return Work(((self._event, _p(params)),), label=kind)
+
+    def events(self, rows: Sequence[Mapping[str, Any]]) -> Work:
+        """Append many audit rows at once (batched replay records)."""
+        return Work(((self._event, [_p(r) for r in rows]),), label="events")
+
+    @staticmethod
+    def _event_params(
+        key: str,
+        workflow_id: str,
+        tool: str,
+        kind: str,
+        attempt: int | None,
+        owner: str | None,
+        at: datetime,
+        detail: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        return {
+            "key": key,
+            "workflow_id": workflow_id,
+            "tool": tool,
+            "kind": kind,
+            "attempt": attempt,
+            "owner": owner,
+            "at": at,
+            "detail": dict(detail) if detail is not None else None,
+        }

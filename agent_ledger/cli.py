@@ -1,0 +1,159 @@
+"""The ``agent-ledger`` command.
+
+Exit codes: 0 success, 1 the command ran and found a problem (e.g. the demo saw a double execution, a
+key does not exist), 2 usage or configuration error, 3 database error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._ledger import Ledger
+from .errors import ConfigurationError, LedgerError, StorageError
+
+__all__ = ["main"]
+
+
+def _url_option(p: argparse.ArgumentParser) -> None:
+    default = os.environ.get("AGENT_LEDGER_URL")
+    p.add_argument(
+        "--url",
+        default=default,
+        help=f"database URL (default: $AGENT_LEDGER_URL, now {default or 'unset'}; else sqlite:///agent_ledger.db)",
+    )
+    p.add_argument("--table-prefix", default="agent_ledger_", help="table name prefix (default: agent_ledger_)")
+    p.add_argument("--schema", default=None, help="Postgres schema holding the tables (default: search path)")
+
+
+def _ledger(ns: argparse.Namespace) -> Ledger:
+    return Ledger(ns.url, table_prefix=ns.table_prefix, schema=ns.schema)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agent-ledger", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="an agent charges a customer, crashes and retries; the charge runs once")
+    demo.add_argument("--db", help="SQLite file to use (default: a fresh temporary directory)")
+    demo.add_argument("--agent", action="store_true", help=argparse.SUPPRESS)
+    demo.add_argument("--crash", action="store_true", help=argparse.SUPPRESS)
+    demo.add_argument("--bank", help=argparse.SUPPRESS)
+
+    mig = sub.add_parser("migrate", help="create or upgrade the ledger's tables (alembic upgrade head)")
+    _url_option(mig)
+
+    hist = sub.add_parser("history", help="the effects of a workflow with their audit events")
+    hist.add_argument("workflow_id")
+    hist.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _url_option(hist)
+
+    show = sub.add_parser("show", help="one effect by key, with its audit events")
+    show.add_argument("key")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _url_option(show)
+
+    res = sub.add_parser("resolve", help="settle an effect whose outcome is unknown")
+    res.add_argument("key")
+    how = res.add_mutually_exclusive_group(required=True)
+    how.add_argument("--result", help="it happened: the JSON result later calls replay")
+    how.add_argument("--error", help="it failed: this message is recorded as the error")
+    how.add_argument("--retry", action="store_true", help="it did not happen: the next call runs the handler")
+    res.add_argument("--by", required=True, help="who decided (audited)")
+    res.add_argument("--reason", help="why (audited)")
+    res.add_argument("--force", action="store_true", help="also settle a running effect with a live lease")
+    _url_option(res)
+    return parser
+
+
+def _history(ns: argparse.Namespace) -> int:
+    with _ledger(ns) as ledger:
+        records = ledger.history(ns.workflow_id)
+    if ns.json:
+        _print_json([r.model_dump(mode="json") for r in records])
+        return 0
+    if not records:
+        print(f"no effects recorded for workflow {ns.workflow_id!r}")
+        return 0
+    print(f"{'tool':<28} {'status':<10} {'attempts':>8} {'replays':>7} {'duration':>10}  key")
+    for r in records:
+        took = f"{r.duration * 1000:.1f}ms" if r.duration is not None else "-"
+        print(f"{r.tool:<28} {r.status.value:<10} {r.attempts:>8} {r.replays:>7} {took:>10}  {r.key}")
+    return 0
+
+
+def _show(ns: argparse.Namespace) -> int:
+    with _ledger(ns) as ledger:
+        record = ledger.effect(ns.key)
+    if record is None:
+        print(f"no effect with key {ns.key}", file=sys.stderr)
+        return 1
+    if ns.json:
+        _print_json(record.model_dump(mode="json"))
+        return 0
+    data = record.model_dump(mode="json", exclude={"events"})
+    for k, v in data.items():
+        print(f"{k:>18}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    print("            events:")
+    for e in record.events:
+        print(f"    {e.at.isoformat(timespec='milliseconds')} {e.kind:<16} attempt={e.attempt} by={e.owner}")
+    return 0
+
+
+def _resolve(ns: argparse.Namespace) -> int:
+    kwargs: dict[str, Any] = {"by": ns.by, "reason": ns.reason, "force": ns.force}
+    if ns.result is not None:
+        try:
+            kwargs["result"] = json.loads(ns.result)
+        except json.JSONDecodeError as e:
+            raise ConfigurationError(f"--result must be JSON: {e}") from e
+    elif ns.error is not None:
+        kwargs["error"] = ns.error
+    else:
+        kwargs["retry"] = True
+    with _ledger(ns) as ledger:
+        record = ledger.resolve(ns.key, **kwargs)
+    print(f"{record.key}: {record.status.value}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``agent-ledger`` command; returns the exit code."""
+    ns = _parser().parse_args(argv)
+    try:
+        if ns.command == "demo":
+            from . import _demo
+
+            if ns.agent:
+                _demo.agent(ns.db, ns.bank, ns.crash)
+                return 0
+            return _demo.main(ns.db)
+        if ns.command == "migrate":
+            with _ledger(ns) as ledger:
+                ledger.migrate()
+            print(f"migrated {ledger!r} to the latest schema")
+            return 0
+        if ns.command == "history":
+            return _history(ns)
+        if ns.command == "show":
+            return _show(ns)
+        if ns.command == "resolve":
+            return _resolve(ns)
+    except ConfigurationError as e:
+        print(f"agent-ledger: {e}", file=sys.stderr)
+        return 2
+    except StorageError as e:
+        print(f"agent-ledger: {e}", file=sys.stderr)
+        return 3
+    except LedgerError as e:
+        print(f"agent-ledger: {e}", file=sys.stderr)
+        return 1
+    raise AssertionError(ns.command)  # pragma: no cover

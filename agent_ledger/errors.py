@@ -1,0 +1,198 @@
+"""Every error agent_ledger raises, in one hierarchy.
+
+::
+
+    LedgerError
+    ├── ConfigurationError     a ledger, tool or call was set up wrongly (bad option, unknown URL)
+    ├── InvalidArguments       args that cannot be canonicalised, are too large or do not fit the handler
+    ├── NoWorkflow             a decorated tool was called with no ``ledger.workflow(...)`` in context
+    ├── PayloadMismatch        the key is taken by a call with a different payload
+    ├── ResultNotReplayable    the key succeeded but its result could not be stored or rebuilt
+    ├── RecordedError          the key failed before and its policy replays the failure
+    ├── InProgress             another worker holds the key and did not finish within ``wait``
+    ├── OutcomeUnknown         a worker died mid-call: the side effect may or may not have happened
+    ├── IllegalTransition      a state change the effect state machine does not allow
+    └── StorageError           the database failed or is unreachable
+        └── SchemaMissing      the ledger's tables are missing or out of date
+
+Every error carries the effect ``key`` when there is one, and its message says what is wrong and,
+where the caller can do something about it, what to do.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+__all__ = [
+    "ConfigurationError",
+    "IllegalTransition",
+    "InProgress",
+    "InvalidArguments",
+    "LedgerError",
+    "NoWorkflow",
+    "OutcomeUnknown",
+    "PayloadMismatch",
+    "RecordedError",
+    "ResultNotReplayable",
+    "SchemaMissing",
+    "StorageError",
+]
+
+
+class LedgerError(Exception):
+    """Base class of every error raised by agent_ledger."""
+
+    key: str | None = None
+
+
+class ConfigurationError(LedgerError, ValueError):
+    """A ledger, tool or call was configured with an invalid option."""
+
+
+class InvalidArguments(LedgerError, ValueError):
+    """Arguments that cannot be canonicalised, are too large, or do not fit the handler.
+
+    ``path`` names the offending argument (for example ``args.items[2].price``) when there is one.
+    Nothing is written to the ledger when this is raised.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class NoWorkflow(LedgerError):
+    """A decorated tool was called outside ``with ledger.workflow(...)``."""
+
+    def __init__(self, tool: str) -> None:
+        super().__init__(
+            f"tool {tool!r} was called with no workflow in context: wrap the call in "
+            f"`with ledger.workflow('<workflow id>'):` (or `async with`), or use "
+            f"ledger.run(ToolCall(workflow_id=..., tool=..., args=...), handler=...)"
+        )
+        self.tool = tool
+
+
+class PayloadMismatch(LedgerError):
+    """The key is already recorded for a call whose full payload differs.
+
+    Raised when a tool keys on a subset of its arguments and the other arguments changed. The handler is
+    not run and the other payload's result is never returned. ``fields`` lists the differing arguments.
+    """
+
+    def __init__(self, key: str, tool: str, fields: list[str]) -> None:
+        shown = ", ".join(fields) if fields else "(fields not recoverable from the stored arguments)"
+        super().__init__(
+            f"key {key} of tool {tool!r} is already recorded with a different payload; "
+            f"differing arguments: {shown}. The handler was not run. Use a different workflow id "
+            f"or include these arguments in the tool's key."
+        )
+        self.key = key
+        self.tool = tool
+        self.fields = fields
+
+
+class ResultNotReplayable(LedgerError):
+    """The key already succeeded, but its result cannot be returned again.
+
+    The handler is not run again. ``result_repr`` is the ``repr`` recorded at the time, and ``reason``
+    says why the result could not be stored or rebuilt.
+    """
+
+    def __init__(self, key: str, tool: str, reason: str, result_repr: str | None) -> None:
+        super().__init__(
+            f"key {key} of tool {tool!r} already succeeded and will not run again, but its result "
+            f"cannot be replayed: {reason}. Recorded repr: {result_repr!r}. Return JSON-serialisable "
+            f"values (or pydantic models / dataclasses) from tools so that replays can rebuild them."
+        )
+        self.key = key
+        self.tool = tool
+        self.reason = reason
+        self.result_repr = result_repr
+
+
+class RecordedError(LedgerError):
+    """A replayed failure: the key failed before and the tool's error policy replays errors.
+
+    ``error_type`` is the qualified name of the original exception class, ``message`` its text and
+    ``traceback`` the formatted traceback recorded when it happened.
+    """
+
+    def __init__(self, key: str, tool: str, attempt: int, error_type: str, message: str, traceback: str | None) -> None:
+        super().__init__(
+            f"{error_type}: {message} (recorded failure of tool {tool!r}, key {key}, attempt {attempt}; "
+            f"replayed because the tool's on_error policy is 'replay')"
+        )
+        self.key = key
+        self.tool = tool
+        self.attempt = attempt
+        self.error_type = error_type
+        self.message = message
+        self.traceback = traceback
+
+
+class InProgress(LedgerError):
+    """Another worker holds the key and did not finish within the ``wait`` timeout."""
+
+    def __init__(self, key: str, tool: str, owner: str | None, since: datetime | None, waited: float) -> None:
+        super().__init__(
+            f"key {key} of tool {tool!r} is being executed by {owner or 'another worker'} since "
+            f"{since.isoformat() if since else 'an unknown time'}; waited {waited:.3f}s for its outcome. "
+            f"Call again later (the result will be replayed) or raise `wait`."
+        )
+        self.key = key
+        self.tool = tool
+        self.owner = owner
+        self.since = since
+        self.waited = waited
+
+
+class OutcomeUnknown(LedgerError):
+    """A worker died or lost its lease mid-call: the side effect may or may not have happened.
+
+    The ledger will not run the handler again on its own. Resolve the effect with the tool's
+    ``reconcile=`` callback, ``ledger.resolve(key, result=... | error=... | retry=True, by=...)`` or
+    ``agent-ledger resolve KEY``.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        tool: str,
+        args: Any,
+        owner: str | None,
+        attempt: int,
+        detail: str | None = None,
+    ) -> None:
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"outcome of tool {tool!r} (key {key}, attempt {attempt}) is unknown: its worker "
+            f"{owner or '(unknown)'} stopped before recording a result{extra}. The side effect may or "
+            f"may not have happened, so it is not run again automatically. Check downstream "
+            f"(for example by the idempotency key {key}), then resolve it: "
+            f"ledger.resolve({key!r}, result=...) if it happened, ledger.resolve({key!r}, retry=True) "
+            f"if it did not, or `agent-ledger resolve {key} ...`."
+        )
+        self.key = key
+        self.tool = tool
+        self.args = args
+        self.owner = owner
+        self.attempt = attempt
+
+
+class IllegalTransition(LedgerError):
+    """A state change that the effect state machine does not allow (see ``agent_ledger.TRANSITIONS``)."""
+
+    def __init__(self, state: str | None, event: str) -> None:
+        super().__init__(f"an effect in state {state or '(new)'!s} cannot take event {event!r}")
+        self.state = state
+        self.event = event
+
+
+class StorageError(LedgerError):
+    """The database failed, is unreachable, or returned something the ledger cannot use."""
+
+
+class SchemaMissing(StorageError):
+    """The ledger's tables are missing or lack columns: run the migrations."""

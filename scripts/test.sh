@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Run the test suite: bash scripts/test.sh [pytest args...]   (paths relative to the repo root)
+#
+# The Postgres tests start their own throwaway server (tests/_pgserver.py) on a free
+# port of 127.0.0.1, so only the PostgreSQL server binaries are needed; no running
+# server, no configuration.  To use an existing server instead pass
+# --postgresql-port=PORT (and --postgresql-host/--postgresql-user/--postgresql-password).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+have_pg_binaries() {
+    if [ -n "${AGENT_LEDGER_PG_BIN:-}" ]; then
+        [ -x "$AGENT_LEDGER_PG_BIN/pg_ctl" ] && return 0
+        echo "scripts/test.sh: AGENT_LEDGER_PG_BIN=$AGENT_LEDGER_PG_BIN has no pg_ctl" >&2
+        exit 1
+    fi
+    compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null && return 0
+    command -v pg_ctl >/dev/null 2>&1 && return 0
+    # pg_config alone (e.g. from libpq-dev) is not enough: its bindir must hold the server.
+    if command -v pg_config >/dev/null 2>&1; then
+        local bindir
+        bindir=$(pg_config --bindir 2>/dev/null || true)
+        [ -n "$bindir" ] && [ -x "$bindir/pg_ctl" ] && return 0
+    fi
+    return 1
+}
+
+if ! have_pg_binaries; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "scripts/test.sh: PostgreSQL server binaries not found; installing the Debian package postgresql" >&2
+        # We start our own clusters, so tell Debian's postgresql-common not to create
+        # (and auto-start) its default 'main' cluster on port 5432.
+        mkdir -p /etc/postgresql-common/createcluster.d
+        echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/agent-ledger-tests.conf
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        apt-get install -y -q postgresql </dev/null
+        have_pg_binaries || { echo "scripts/test.sh: postgresql installed but pg_ctl still not found" >&2; exit 1; }
+    else
+        cat >&2 <<'MSG'
+scripts/test.sh: PostgreSQL server binaries (initdb, pg_ctl, postgres) not found.
+Install them, e.g. on Debian/Ubuntu: sudo apt-get install -y postgresql
+(or set AGENT_LEDGER_PG_BIN to a directory holding initdb, pg_ctl and postgres).
+MSG
+        exit 1
+    fi
+fi
+
+# As root, initdb/pg_ctl are run as the 'postgres' OS user, which the Debian package creates.
+if [ "$(id -u)" -eq 0 ] && ! id -u postgres >/dev/null 2>&1; then
+    useradd --system --user-group --no-create-home --shell /usr/sbin/nologin postgres
+fi
+
+exec python -m pytest "$@"

@@ -1,0 +1,197 @@
+"""Shared test fixtures.
+
+Postgres: unless ``--postgresql-port`` is given (an external server, reached with the
+``--postgresql-host/-user/-password`` options of pytest-postgresql), one throwaway
+PostgreSQL cluster (tests/_pgserver.py) is started for the whole session in
+``pytest_configure`` and pytest-postgresql's ``postgresql_noproc`` fixture is pointed at
+it.  Each test that asks for ``pg_url`` gets a fresh database, dropped afterwards.
+
+Fixtures:
+
+* ``pg_server``  (session) the session's PgServer, or None with an external server.
+* ``pg_server_factory`` (function) start private PgServers, closed after the test.
+* ``postgresql`` (function) psycopg connection to the per-test database (pytest-postgresql).
+* ``pg_url``     (function) SQLAlchemy URL of the per-test database.
+* ``sqlite_url`` (function) SQLAlchemy URL of a fresh SQLite file under tmp_path.
+* ``db_url``     (function) parametrised over ids ``sqlite`` and ``postgres``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import psycopg
+import pytest
+from psycopg import sql
+from pytest_postgresql import factories
+from pytest_postgresql.executors import NoopExecutor
+
+try:  # repo root importable (python -m pytest, editable install, or tests/ is a package)
+    from tests._pgserver import PgServer, PgServerError
+except ImportError:  # plain `pytest` with rootdir-conftest: tests/ itself is on sys.path
+    from _pgserver import PgServer, PgServerError  # type: ignore[no-redef,import-not-found,unused-ignore]
+
+_PG_SERVER_KEY = pytest.StashKey["PgServer | None"]()
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    # With pytest-xdist the workers run pytest_configure themselves (one server each);
+    # the controller runs no tests and needs no server.
+    if hasattr(config, "workerinput"):
+        return False
+    numprocesses = getattr(config.option, "numprocesses", None)
+    return bool(numprocesses) or getattr(config.option, "dist", "no") != "no"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_PG_SERVER_KEY] = None
+    if config.getoption("postgresql_port", default=None):
+        return  # external server: pytest-postgresql's own options already describe it
+    if config.option.help or config.option.version or _is_xdist_controller(config):
+        return
+    try:
+        server = PgServer()
+    except PgServerError as exc:
+        raise pytest.UsageError(f"Could not set up the test PostgreSQL server: {exc}") from exc
+    try:
+        server.start()
+    except PgServerError as exc:
+        server.close()
+        raise pytest.UsageError(f"Could not start the test PostgreSQL server: {exc}") from exc
+    config.stash[_PG_SERVER_KEY] = server
+    config.option.postgresql_host = server.host
+    config.option.postgresql_port = str(server.port)
+    config.option.postgresql_user = server.user
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = config.stash.get(_PG_SERVER_KEY, None)
+    if server is not None:
+        config.stash[_PG_SERVER_KEY] = None
+        server.close()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    server = config.stash.get(_PG_SERVER_KEY, None)
+    if server is not None:
+        return f"postgresql: throwaway server {server.host}:{server.port} ({server.bin_dir})"
+    port = config.getoption("postgresql_port", default=None)
+    if port:
+        return f"postgresql: external server {config.getoption('postgresql_host') or '127.0.0.1'}:{port}"
+    return "postgresql: none"
+
+
+@pytest.fixture(scope="session")
+def pg_server(pytestconfig: pytest.Config) -> PgServer | None:
+    """The session's throwaway PgServer, or None when testing against an external server.
+
+    Restarting it (``pg_server.restart()``) simulates an outage for every test database;
+    tests that want to kill or restart a server in isolation should start their own PgServer.
+    """
+    return pytestconfig.stash.get(_PG_SERVER_KEY, None)
+
+
+@pytest.fixture
+def pg_server_factory() -> Iterator[Callable[..., PgServer]]:
+    """Start extra, private PgServers (to kill or restart without disturbing other tests).
+
+    ``server = pg_server_factory()`` returns a started server; keyword arguments go to
+    PgServer().  Every server made is closed (stopped, temp dir removed) after the test.
+    """
+    servers: list[PgServer] = []
+
+    def make(**kwargs: Any) -> PgServer:
+        server = PgServer(**kwargs)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in reversed(servers):
+        server.close()
+
+
+# pytest-postgresql: override the plugin's process-spawning fixtures so that everything
+# uses the server configured above (the plugin's postgresql_proc would run pg_ctl itself,
+# which fails as root).
+postgresql_noproc = factories.postgresql_noproc()
+postgresql = factories.postgresql("postgresql_noproc")
+postgresql_async = factories.postgresql_async("postgresql_noproc")
+
+
+def _force_drop_database(server: NoopExecutor, dbname: str) -> None:
+    """Drop the per-test database even if the code under test still holds connections to it.
+
+    pytest-postgresql's DatabaseJanitor.drop() (run right after this) already does
+    ``ALTER DATABASE ... allow_connections false`` + ``pg_terminate_backend`` + ``DROP DATABASE``,
+    but pg_terminate_backend only *signals* the backends and DROP DATABASE gives them
+    just 5 seconds to go; a slow backend makes the drop fail with "database ... is being
+    accessed by other users", and then every later test's CREATE DATABASE fails too
+    (all tests reuse the same database name).  So: forbid new connections, terminate and
+    *wait* for the backends (PG >= 14), and DROP ... WITH (FORCE) (PG >= 13).  The
+    janitor then finds the database gone and does nothing.
+    """
+    with psycopg.connect(
+        host=server.host,
+        port=server.port,
+        user=server.user,
+        password=server.password,
+        dbname=server.maintenance_dbname,
+        autocommit=True,
+    ) as admin:
+        version = admin.info.server_version
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        if not exists:
+            return
+        ident = sql.Identifier(dbname)
+        admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(ident))
+        terminate = "pg_terminate_backend(pid, 5000)" if version >= 140000 else "pg_terminate_backend(pid)"
+        admin.execute(
+            f"SELECT {terminate} FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        )
+        force = sql.SQL(" WITH (FORCE)") if version >= 130000 else sql.SQL("")
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(ident) + force)
+
+
+@pytest.fixture
+def pg_url(postgresql_noproc: NoopExecutor, postgresql: psycopg.Connection) -> Iterator[str]:
+    """SQLAlchemy URL (``postgresql+psycopg://user@host:port/dbname``) of a fresh per-test database.
+
+    The database is dropped after the test even if connections to it are still open
+    (pooled connections of the code under test are terminated).
+    """
+    server = postgresql_noproc
+    dbname = postgresql.info.dbname
+    auth = quote(server.user, safe="")
+    if server.password:
+        auth += ":" + quote(server.password, safe="")
+    yield f"postgresql+psycopg://{auth}@{server.host}:{server.port}/{quote(dbname, safe='')}"
+    # Runs before pytest-postgresql's own teardown (close its connection, janitor drop).
+    # Closing its connection here is harmless: the fixture's close() is idempotent.
+    postgresql.close()
+    try:
+        _force_drop_database(server, dbname)
+    except psycopg.Error as exc:  # leave it to the janitor, which will report a real failure
+        warnings.warn(f"pg_url teardown could not drop {dbname!r}: {exc}", stacklevel=1)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """SQLAlchemy URL of a fresh SQLite database file in the test's tmp_path."""
+    return f"sqlite:///{tmp_path}/ledger.db"
+
+
+@pytest.fixture(params=["sqlite", "postgres"], ids=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A fresh database URL on each backend: runs the test once on SQLite, once on Postgres."""
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_url"))
+    return str(request.getfixturevalue("pg_url"))
+
+
+# ---- library fixtures (added by the library engineer) ----
