@@ -5,7 +5,7 @@ succeeded returns the recorded result without running the handler; only one work
 crash mid-call is never silently re-executed; everything is an audit row in SQLite or Postgres.
 """
 
-from __future__ import annotations
+
 
 from ._decide import TRANSITIONS
 from ._flow import NOT_EXECUTED

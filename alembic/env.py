@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
+from sqlalchemy.schema import CreateSchema
 
 from agent_ledger._migrate import naming
 from agent_ledger._schema import build_tables
@@ -21,9 +22,12 @@ target_metadata = build_tables(prefix, schema).metadata
 version_table = f"{prefix}alembic_version"
 
 
-def _run(connection: object) -> None:
+def _run(connection: Connection) -> None:
+    if schema and connection.dialect.name == "postgresql":
+        # The version table lives in the schema too, so it must exist before alembic starts.
+        connection.execute(CreateSchema(schema, if_not_exists=True))
     context.configure(
-        connection=connection,  # type: ignore[arg-type]
+        connection=connection,
         target_metadata=target_metadata,
         version_table=version_table,
         version_table_schema=schema,

@@ -195,3 +195,42 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 
 # ---- library fixtures (added by the library engineer) ----
+
+from agent_ledger import Ledger  # noqa: E402
+
+
+class Counter:
+    """Counts handler executions (in this process)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> int:
+        self.n += 1
+        return self.n
+
+
+@pytest.fixture
+def counter() -> Counter:
+    return Counter()
+
+
+@pytest.fixture
+def make_ledger(db_url: str) -> Iterator[Callable[..., Ledger]]:
+    """Ledgers on the test database (migrated); each one is like a fresh process's."""
+    made: list[Ledger] = []
+
+    def make(**kwargs: Any) -> Ledger:
+        kwargs.setdefault("auto_migrate", True)
+        led = Ledger(db_url, **kwargs)
+        made.append(led)
+        return led
+
+    yield make
+    for led in made:
+        led.close()
+
+
+@pytest.fixture
+def ledger(make_ledger: Callable[..., Ledger]) -> Ledger:
+    return make_ledger()
