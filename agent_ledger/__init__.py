@@ -5,14 +5,12 @@ succeeded returns the recorded result without running the handler; only one work
 crash mid-call is never silently re-executed; everything is an audit row in SQLite or Postgres.
 """
 
-
-
 from ._decide import TRANSITIONS
 from ._flow import NOT_EXECUTED
 from ._keys import compute_key, payload_hash
-from ._ledger import Ledger, Workflow, current_workflow
+from ._ledger import Ledger, Tool, Workflow, current_workflow
 from ._migrate import migrations_path
-from ._models import AuditEvent, Effect, EffectRecord, ErrorInfo, Status, ToolCall
+from ._models import AuditEvent, Effect, EffectRecord, ErrorInfo, RecoveryReport, Status, ToolCall
 from .errors import (
     ConfigurationError,
     IllegalTransition,
@@ -47,10 +45,12 @@ __all__ = [
     "OutcomeUnknown",
     "PayloadMismatch",
     "RecordedError",
+    "RecoveryReport",
     "ResultNotReplayable",
     "SchemaMissing",
     "Status",
     "StorageError",
+    "Tool",
     "ToolCall",
     "Workflow",
     "__version__",

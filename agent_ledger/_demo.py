@@ -66,8 +66,7 @@ def main(db: str | None = None) -> int:
     print("\naudit trail:")
     for rec in ledger.history(WORKFLOW):
         print(
-            f"  {rec.tool:<20} {rec.status.value:<10} attempts={rec.attempts} replays={rec.replays} "
-            f"key={rec.key[:19]}…"
+            f"  {rec.tool:<20} {rec.status.value:<10} attempts={rec.attempts} replays={rec.replays} key={rec.key[:19]}…"
         )
         for ev in rec.events:
             print(f"      {ev.at.isoformat(timespec='milliseconds')}  {ev.kind:<10} attempt={ev.attempt}")

@@ -368,7 +368,6 @@ def _event(plan: Plan, kind: str, attempt: int | None, owner: str | None, at: da
 
 
 def _run_claimed(plan: Plan, attempt: int, reconcile_first: bool) -> Generator[Op, Any, Any]:
-    store = plan.store
     effect = Effect(
         key=plan.key,
         idem_key=plan.key,
@@ -388,22 +387,11 @@ def _run_claimed(plan: Plan, attempt: int, reconcile_first: bool) -> Generator[O
     try:
         started = time.monotonic()
         detail: dict[str, Any] = {}
+        result: Any = NOT_EXECUTED
+        if reconcile_first:
+            result = yield from _reconcile(plan, effect, finish)
+            detail["reconciled"] = result is not NOT_EXECUTED
         try:
-            result: Any = NOT_EXECUTED
-            if reconcile_first:
-                assert plan.reconcile is not None
-                result = yield Invoke(plan.reconcile, effect)
-                detail["reconciled"] = result is not NOT_EXECUTED
-                if result is NOT_EXECUTED:
-                    yield Db(
-                        store.event(
-                            kind="reconciled",
-                            attempt=attempt,
-                            at=utcnow(),
-                            detail={"found": False, "then": "running the handler"},
-                            **{k: finish[k] for k in ("key", "workflow_id", "tool", "owner")},
-                        )
-                    )
             if result is NOT_EXECUTED:
                 result = yield Invoke(plan.invoke, effect)
         except Exception as exc:
@@ -432,6 +420,33 @@ def _run_claimed(plan: Plan, attempt: int, reconcile_first: bool) -> Generator[O
         return result
     finally:
         yield StopBeat(handle)
+
+
+def _reconcile(plan: Plan, effect: Effect, finish: Mapping[str, Any]) -> Generator[Op, Any, Any]:
+    """Ask the tool's reconcile callback what happened to an uncertain attempt (we hold the claim)."""
+    assert plan.reconcile is not None
+    who = {k: finish[k] for k in ("key", "workflow_id", "tool", "owner")}
+    try:
+        found = yield Invoke(plan.reconcile, effect)
+    except Exception as exc:
+        # Reconciliation itself failed: the outcome is as unknown as before. Never guess.
+        yield from _record(plan, "mark_unknown", finish, {"reconcile_error": repr(exc)}, error=describe_error(exc))
+        raise OutcomeUnknown(
+            plan.key, plan.tool, plan.args, plan.owner, effect.attempt, detail=f"reconcile raised {exc!r}"
+        ) from exc
+    yield Db(
+        plan.store.event(
+            kind="reconciled",
+            attempt=effect.attempt,
+            at=utcnow(),
+            detail={
+                "found": found is not NOT_EXECUTED,
+                "then": "running the handler" if found is NOT_EXECUTED else "recording the reconciled result",
+            },
+            **who,
+        )
+    )
+    return found
 
 
 def _record(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import dataclasses
 import functools
 import inspect
 import os
@@ -11,23 +13,40 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Literal, Protocol, TypeVar, overload
 
 from pydantic import TypeAdapter
 
 from . import _keys
-from ._decide import Policy, transition
-from ._flow import Plan, describe_error, encode_result, execute, make_owner, owner_gone, utcnow
-from ._models import AuditEvent, Effect, EffectRecord, ErrorInfo, Status, ToolCall
+from ._decide import Policy, Row, transition
+from ._flow import HOST, NOT_EXECUTED, Plan, describe_error, encode_result, execute, make_owner, owner_gone, utcnow
+from ._models import AuditEvent, Effect, EffectRecord, ErrorInfo, RecoveryReport, Status, ToolCall
 from ._runtime import Runtime
 from ._schema import DEFAULT_PREFIX, build_tables
 from ._store import row_from_mapping
 from .errors import ConfigurationError, IllegalTransition, InvalidArguments, LedgerError, NoWorkflow
 
-__all__ = ["Ledger", "Workflow", "current_workflow"]
+__all__ = ["Ledger", "Tool", "Workflow", "current_workflow"]
 
-P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class Tool(Protocol[R_co]):
+    """A function decorated with ``@ledger.tool``: same return type, called without ``effect``.
+
+    Its parameters are the wrapped function's minus ``effect`` (which the ledger supplies). Static
+    typing cannot drop one named parameter from a signature, so the arguments are typed loosely; they
+    are checked against the real signature on every call (``InvalidArguments``).
+    """
+
+    tool_name: str
+    ledger: Ledger
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R_co:
+        """Run the tool once per key within the current workflow."""
+        ...
+
 
 DEFAULT_URL = "sqlite:///agent_ledger.db"
 DEFAULT_LEASE = 30.0
@@ -197,7 +216,7 @@ class Ledger:
         self.tables = build_tables(table_prefix, schema)
         self._rt = Runtime(resolved, self.tables, auto_migrate=auto_migrate, engine_options=engine_options)
         self.owner = make_owner()
-        self._tools: dict[str, Callable[..., Any]] = {}
+        self._tools: dict[str, tuple[Callable[..., Any], _Options]] = {}
 
     def __repr__(self) -> str:
         return f"Ledger({self._rt.dialect}, tables={self.tables.effects.name!r})"
@@ -426,7 +445,7 @@ class Ledger:
     # -- the decorator ---------------------------------------------------------------------
 
     @overload
-    def tool(self, name: Callable[P, R], /) -> Callable[P, R]: ...
+    def tool(self, name: Callable[..., R], /) -> Tool[R]: ...
 
     @overload
     def tool(
@@ -441,7 +460,7 @@ class Ledger:
         reconcile: Callable[[Effect], Any] | None = None,
         lease: float | timedelta | None = None,
         wait: float | timedelta | None = None,
-    ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+    ) -> Callable[[Callable[..., R]], Tool[R]]: ...
 
     def tool(
         self,
@@ -478,12 +497,12 @@ class Ledger:
         if name is not None and (not isinstance(name, str) or not name or len(name) > 255):
             raise ConfigurationError(f"tool name must be a non-empty string of at most 255 characters, not {name!r}")
 
-        def decorator(fn: Callable[P, R]) -> Callable[P, R]:
+        def decorator(fn: Callable[..., R]) -> Tool[R]:
             return self._decorate(fn, name, options)
 
         return decorator
 
-    def _decorate(self, fn: Callable[P, R], name: str | None, options: _Options) -> Callable[P, R]:
+    def _decorate(self, fn: Callable[..., R], name: str | None, options: _Options) -> Tool[R]:
         if not callable(fn):
             raise ConfigurationError(f"@ledger.tool decorates functions, not {fn!r}")
         tool_name = name or f"{fn.__module__}.{fn.__qualname__}"
@@ -505,15 +524,15 @@ class Ledger:
         )
         decode = _return_decoder(fn)
         previous = self._tools.get(tool_name)
-        if previous is not None and (
-            getattr(previous, "__module__", None),
-            getattr(previous, "__qualname__", None),
-        ) != (fn.__module__, fn.__qualname__):
+        if previous is not None and (previous[0].__module__, previous[0].__qualname__) != (
+            fn.__module__,
+            fn.__qualname__,
+        ):
             raise ConfigurationError(
-                f"tool name {tool_name!r} is already used by {previous.__module__}.{previous.__qualname__} "
+                f"tool name {tool_name!r} is already used by {previous[0].__module__}.{previous[0].__qualname__} "
                 f"on this ledger: give one of them another name"
             )
-        self._tools[tool_name] = fn
+        self._tools[tool_name] = (fn, options)
 
         def plan_for(a: tuple[Any, ...], kw: dict[str, Any]) -> Plan:
             workflow_id = _workflow.get()
@@ -560,7 +579,118 @@ class Ledger:
         wrapper.__signature__ = public
         wrapper.tool_name = tool_name
         wrapper.ledger = self
-        return typing.cast(Callable[P, R], wrapper)
+        return typing.cast(Tool[R], wrapper)
+
+    # -- recovery --------------------------------------------------------------------------
+
+    def recover(self, *, batch_size: int = 100) -> RecoveryReport:
+        """Settle effects whose worker died, without waiting for the agent to call again.
+
+        Finds running effects whose lease expired (or whose owner process on this host is gone), in
+        batches locked ``FOR UPDATE SKIP LOCKED`` so several sweepers can run at once and each effect is
+        handled by exactly one. A tool registered on this ledger with ``reconcile=`` is reconciled: found
+        -> ``succeeded`` with the returned result, ``NOT_EXECUTED`` -> ``pending`` (the next call runs
+        the handler), raised -> ``unknown``. Every other stale effect becomes ``unknown``.
+        """
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ConfigurationError(f"batch_size must be a positive int, not {batch_size!r}")
+        report = RecoveryReport()
+        store = self._rt.store
+        while True:
+            now = utcnow()
+            claimed: list[tuple[Row, Callable[[Effect], Any]]] = []
+            acted = 0
+            with self._rt.transaction("recover") as conn:
+                found = self._rt.steps(conn, store.stale(now=now, host_prefix=f"{HOST}:%", limit=batch_size))
+                for row in map(row_from_mapping, found):
+                    expired = row.lease_expires_at is None or row.lease_expires_at <= now
+                    gone = self.detect_local_crashes and owner_gone(row.owner)
+                    if not expired and not gone:
+                        report.skipped += 1
+                        continue
+                    report.examined += 1
+                    acted += 1
+                    reconcile = self._tools[row.tool][1].reconcile if row.tool in self._tools else None
+                    reason = "its process is gone" if gone else "its lease expired"
+                    if reconcile is not None:
+                        work = store.claim_again(
+                            event="reconcile",
+                            row=row,
+                            owner=self.owner,
+                            lease_expires_at=now + timedelta(seconds=self.lease),
+                            now=now,
+                            detail={"by": "recover", "reason": reason},
+                        )
+                        if self._rt.steps(conn, work):
+                            claimed.append((row, reconcile))
+                    elif self._rt.steps(
+                        conn,
+                        store.mark_unknown(
+                            row=row, now=now, by=self.owner, detail={"reason": reason, "via": "recover"}
+                        ),
+                    ):
+                        report.marked_unknown.append(row.key)
+            for row, reconcile in claimed:
+                self._reconcile_claimed(row, reconcile, report)
+            if acted == 0 or len(found) < batch_size:
+                return report
+
+    def _reconcile_claimed(self, row: Row, reconcile: Callable[[Effect], Any], report: RecoveryReport) -> None:
+        attempt = row.attempt + 1
+        effect = Effect(
+            key=row.key,
+            idem_key=row.key,
+            attempt=attempt,
+            workflow_id=row.workflow_id,
+            tool=row.tool,
+            args=row.args or {},
+        )
+        store = self._rt.store
+        mine = dataclasses.replace(row, status=Status.RUNNING, attempt=attempt, owner=self.owner)
+        finish: dict[str, Any] = {
+            "key": row.key,
+            "workflow_id": row.workflow_id,
+            "tool": row.tool,
+            "owner": self.owner,
+            "attempt": attempt,
+        }
+        try:
+            outcome = reconcile(effect)
+            if inspect.isawaitable(outcome):
+                outcome = asyncio.run(_awaited(outcome))
+        except Exception as exc:
+            self._rt.do(
+                store.finish(
+                    event="mark_unknown",
+                    now=utcnow(),
+                    error=describe_error(exc),
+                    detail={"reconcile_error": f"{type(exc).__name__}: {exc}", "via": "recover"},
+                    **finish,
+                )
+            )
+            report.failed[row.key] = f"{type(exc).__name__}: {exc}"
+            return
+        if outcome is NOT_EXECUTED:
+            self._rt.do(
+                store.resolve(
+                    row=mine, event="resolve_retry", by=self.owner, now=utcnow(), reason="reconcile: not executed"
+                )
+            )
+            report.released.append(row.key)
+            return
+        data, replayable, shown, why = encode_result(outcome)
+        self._rt.do(
+            store.finish(
+                event="succeed",
+                now=utcnow(),
+                result=data,
+                result_replayable=replayable,
+                result_repr=shown,
+                detail={"reconciled": True, "via": "recover", **({"not_replayable": why} if why else {})},
+                **finish,
+            )
+        )
+        report.reconciled.append(row.key)
 
     # -- audit -----------------------------------------------------------------------------
 
@@ -646,6 +776,10 @@ class Ledger:
         record = self.effect(key)
         assert record is not None
         return record
+
+
+async def _awaited(value: Any) -> Any:
+    return await value
 
 
 def _record(m: Mapping[str, Any], events: list[AuditEvent]) -> EffectRecord:

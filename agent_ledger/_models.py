@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["AuditEvent", "Effect", "EffectRecord", "ErrorInfo", "Status", "ToolCall"]
+__all__ = ["AuditEvent", "Effect", "EffectRecord", "ErrorInfo", "RecoveryReport", "Status", "ToolCall"]
 
 
 class Status(str, enum.Enum):
@@ -112,3 +112,19 @@ class EffectRecord(BaseModel):
         if self.started_at is None or self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds()
+
+
+class RecoveryReport(BaseModel):
+    """What one ``ledger.recover()`` pass did, key by key."""
+
+    examined: int = 0
+    marked_unknown: list[str] = Field(default_factory=list)
+    """Stale effects with no reconcile callback here: their outcome is now ``unknown``."""
+    reconciled: list[str] = Field(default_factory=list)
+    """Stale effects whose tool's ``reconcile`` found the side effect: now ``succeeded``."""
+    released: list[str] = Field(default_factory=list)
+    """Stale effects whose ``reconcile`` found nothing happened: now ``pending`` (the next call runs)."""
+    failed: dict[str, str] = Field(default_factory=dict)
+    """Effects whose ``reconcile`` raised (they are marked ``unknown``), with the error."""
+    skipped: int = 0
+    """Rows on this host whose owner process is still alive (not stale after all)."""

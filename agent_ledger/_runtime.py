@@ -248,6 +248,18 @@ class Runtime:
             with conn.begin():
                 return self._steps(conn, work)
 
+    @contextlib.contextmanager
+    def transaction(self, label: str) -> Iterator[Connection]:
+        """One write transaction on the sync engine (for multi-step maintenance like ``recover``)."""
+        self.ensure_schema()
+        with _mapped(label), self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def steps(self, conn: Connection, work: Work) -> Any:
+        """Run ``work`` inside an open transaction."""
+        with _mapped(work.label):
+            return self._steps(conn, work)
+
     @staticmethod
     def _steps(conn: Connection, work: Work) -> Any:
         (stmt, params), *rest = work.steps

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Executable, and_, bindparam, insert, literal, select, update
+from sqlalchemy import Executable, and_, bindparam, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ._decide import Row, transition
@@ -207,6 +207,29 @@ class Store:
         """Every audit event of one key, oldest first."""
         return Work(((self._events_for_key, _p({"key": key})),), "rows", False, "events")
 
+    def stale(self, *, now: datetime, host_prefix: str, limit: int) -> Work:
+        """Running effects whose lease expired (or whose owner ran on this host), locked for one sweeper.
+
+        On Postgres the rows are locked ``FOR UPDATE SKIP LOCKED``, so concurrent sweepers each get
+        different rows; SQLite's write transaction (BEGIN IMMEDIATE) serialises sweepers instead.
+        """
+        e = self.tables.effects
+        stmt = (
+            select(e)
+            .where(
+                e.c.status == Status.RUNNING.value,
+                or_(
+                    e.c.lease_expires_at <= bindparam("p_now", type_=e.c.lease_expires_at.type),
+                    e.c.owner.like(bindparam("p_host_prefix")),
+                ),
+            )
+            .order_by(e.c.lease_expires_at)
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        return Work(((stmt, _p({"now": now, "host_prefix": host_prefix})),), "rows", True, "recover")
+
     # -- state changes ---------------------------------------------------------------------
 
     def claim_new(
@@ -278,7 +301,7 @@ class Store:
     def finish(
         self,
         *,
-        event: Literal["succeed", "fail"],
+        event: Literal["succeed", "fail", "mark_unknown"],
         key: str,
         workflow_id: str,
         tool: str,

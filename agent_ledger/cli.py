@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     _url_option(show)
 
+    rec = sub.add_parser("recover", help="settle effects whose worker died (expired leases) as unknown")
+    rec.add_argument("--batch-size", type=int, default=100, help="rows locked per transaction (default: 100)")
+    rec.add_argument("--json", action="store_true", help="print the report as JSON")
+    _url_option(rec)
+
     res = sub.add_parser("resolve", help="settle an effect whose outcome is unknown")
     res.add_argument("key")
     how = res.add_mutually_exclusive_group(required=True)
@@ -147,6 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _show(ns)
         if ns.command == "resolve":
             return _resolve(ns)
+        if ns.command == "recover":
+            with _ledger(ns) as ledger:
+                report = ledger.recover(batch_size=ns.batch_size)
+            if ns.json:
+                _print_json(report.model_dump(mode="json"))
+            else:
+                print(f"examined {report.examined} stale effect(s); marked unknown: {len(report.marked_unknown)}")
+                for key in report.marked_unknown:
+                    print(f"  unknown  {key}")
+            return 0
     except ConfigurationError as e:
         print(f"agent-ledger: {e}", file=sys.stderr)
         return 2

@@ -153,7 +153,8 @@ class OutcomeUnknown(LedgerError):
 
     The ledger will not run the handler again on its own. Resolve the effect with the tool's
     ``reconcile=`` callback, ``ledger.resolve(key, result=... | error=... | retry=True, by=...)`` or
-    ``agent-ledger resolve KEY``.
+    ``agent-ledger resolve KEY``. Carries ``key``, ``tool``, ``tool_args`` (the stored arguments),
+    ``owner`` (the last worker) and ``attempt``.
     """
 
     def __init__(
@@ -176,7 +177,7 @@ class OutcomeUnknown(LedgerError):
         )
         self.key = key
         self.tool = tool
-        self.args = args
+        self.tool_args = args  # not ``args``: that is Exception's own tuple of constructor arguments
         self.owner = owner
         self.attempt = attempt
 

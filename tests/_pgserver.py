@@ -179,9 +179,7 @@ class PgServer:
         self.user = "postgres"
         self.bin_dir = Path(bin_dir) if bin_dir is not None else find_pg_bin_dir()
         if not _has_binaries(self.bin_dir):
-            raise PgServerError(
-                f"{self.bin_dir} lacks one of {', '.join(_REQUIRED_BINARIES)}. {_INSTALL_HINT}"
-            )
+            raise PgServerError(f"{self.bin_dir} lacks one of {', '.join(_REQUIRED_BINARIES)}. {_INSTALL_HINT}")
         self._port_fixed = port is not None
         self.port = port if port is not None else free_port(self.host)
         self.extra_options = list(extra_options)
@@ -243,9 +241,7 @@ class PgServer:
         env["LANG"] = "C"
         return env
 
-    def _run(
-        self, args: Sequence[str], *, timeout: float, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    def _run(self, args: Sequence[str], *, timeout: float, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [*self._run_prefix, *args]
         try:
             proc = subprocess.run(
@@ -258,9 +254,7 @@ class PgServer:
                 timeout=timeout,
             )
         except subprocess.TimeoutExpired as exc:
-            raise PgServerError(
-                f"`{shlex.join(cmd)}` timed out after {timeout}s.\n{self._log_excerpt()}"
-            ) from exc
+            raise PgServerError(f"`{shlex.join(cmd)}` timed out after {timeout}s.\n{self._log_excerpt()}") from exc
         if check and proc.returncode != 0:
             raise PgServerError(
                 f"`{shlex.join(cmd)}` failed with exit code {proc.returncode}.\n"
@@ -281,9 +275,7 @@ class PgServer:
 
     def _log_excerpt(self) -> str:
         tail = self.log_tail()
-        return (
-            f"--- tail of {self.log_path} ---\n{tail}" if tail else f"(server log {self.log_path} is empty)"
-        )
+        return f"--- tail of {self.log_path} ---\n{tail}" if tail else f"(server log {self.log_path} is empty)"
 
     def _postmaster_pid(self) -> int | None:
         try:
@@ -326,12 +318,7 @@ class PgServer:
         """Whether ``pg_ctl status`` reports a running server for our data dir."""
         if not self._initialized or self._closed:
             return False
-        return (
-            self._run(
-                [self._pg_ctl(), "-D", str(self.data_dir), "status"], timeout=30, check=False
-            ).returncode
-            == 0
-        )
+        return self._run([self._pg_ctl(), "-D", str(self.data_dir), "status"], timeout=30, check=False).returncode == 0
 
     def start(self) -> None:
         """initdb on first use, then start the server and wait until it accepts connections."""
@@ -374,9 +361,7 @@ class PgServer:
             raise ValueError(f"invalid pg_ctl stop mode {mode!r}")
         if not self.is_running():
             return
-        self._run(
-            [self._pg_ctl(), "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60", "stop"], timeout=90
-        )
+        self._run([self._pg_ctl(), "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60", "stop"], timeout=90)
 
     def restart(self, mode: str = "fast") -> None:
         """Stop, then start again on the same port and data dir (simulates a Postgres outage)."""

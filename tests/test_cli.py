@@ -12,7 +12,11 @@ from agent_ledger import Ledger, ToolCall
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent_ledger", *args], capture_output=True, text=True, timeout=180, cwd=cwd,
+        [sys.executable, "-m", "agent_ledger", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=cwd,
         check=False,
     )
 

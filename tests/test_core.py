@@ -199,7 +199,9 @@ class Point:
     y: int
 
 
-def test_decorator_rebuilds_annotated_return_types_on_replay(ledger: Ledger, make_ledger: Callable[..., Ledger]) -> None:
+def test_decorator_rebuilds_annotated_return_types_on_replay(
+    ledger: Ledger, make_ledger: Callable[..., Ledger]
+) -> None:
     runs = 0
     when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
 

@@ -16,8 +16,18 @@ def test_all_lists_every_public_name() -> None:
 
 
 def test_contract_names_exist() -> None:
-    for name in ("Ledger", "ToolCall", "Effect", "LedgerError", "PayloadMismatch", "NoWorkflow",
-                 "InvalidArguments", "ResultNotReplayable", "InProgress", "OutcomeUnknown"):
+    for name in (
+        "Ledger",
+        "ToolCall",
+        "Effect",
+        "LedgerError",
+        "PayloadMismatch",
+        "NoWorkflow",
+        "InvalidArguments",
+        "ResultNotReplayable",
+        "InProgress",
+        "OutcomeUnknown",
+    ):
         assert name in agent_ledger.__all__
     for name in errors.__all__:
         assert getattr(agent_ledger, name) is getattr(errors, name)

@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def _diff(url: str, prefix: str = "agent_ledger_", schema: str | None = None) -> list[object]:
     engine = sa.create_engine(url)
     with engine.connect() as conn:
-        ctx = MigrationContext.configure(
-            conn, opts={"include_schemas": schema is not None, "compare_type": True}
-        )
+        ctx = MigrationContext.configure(conn, opts={"include_schemas": schema is not None, "compare_type": True})
         diff = compare_metadata(ctx, build_tables(prefix, schema).metadata)
     engine.dispose()
     ours = build_tables(prefix, schema).metadata.tables
     # Only differences that concern the ledger's tables (a host app's own tables are not ours to judge).
-    return [d for d in diff if "alembic_version" not in repr(d) and not (d[0] == "remove_table" and d[1].key not in ours)]
+    return [
+        d for d in diff if "alembic_version" not in repr(d) and not (d[0] == "remove_table" and d[1].key not in ours)
+    ]
 
 
 def test_schema_revision_is_the_head() -> None:
@@ -75,7 +75,10 @@ def test_sqlite_creates_its_tables_on_first_use(tmp_path: Path) -> None:
 def test_cli_migrate_upgrades_a_fresh_postgres(pg_url: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "agent_ledger", "migrate", "--url", pg_url],
-        capture_output=True, text=True, check=False, timeout=120,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert _diff(pg_url) == []
@@ -85,7 +88,12 @@ def test_alembic_ini_upgrades_with_env_url(pg_url: str) -> None:
     env = {**os.environ, "AGENT_LEDGER_URL": pg_url}
     out = subprocess.run(
         [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "upgrade", "head"],
-        capture_output=True, text=True, check=False, timeout=120, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
     assert _diff(pg_url) == []
@@ -95,13 +103,16 @@ def test_host_app_alembic_environment_includes_ledger_versions(pg_url: str, tmp_
     """A host app with its own migrations adds the ledger's versions to version_locations."""
     app = tmp_path / "hostapp"
     (app / "migrations" / "versions").mkdir(parents=True)
-    (app / "alembic.ini").write_text(textwrap.dedent(f"""\
+    (app / "alembic.ini").write_text(
+        textwrap.dedent(f"""\
         [alembic]
         script_location = %(here)s/migrations
         version_locations = %(here)s/migrations/versions {migrations_path()}
         sqlalchemy.url = {pg_url}
-        """))
-    (app / "migrations" / "env.py").write_text(textwrap.dedent("""\
+        """)
+    )
+    (app / "migrations" / "env.py").write_text(
+        textwrap.dedent("""\
         from alembic import context
         from sqlalchemy import create_engine
         config = context.config
@@ -111,9 +122,11 @@ def test_host_app_alembic_environment_includes_ledger_versions(pg_url: str, tmp_
             with context.begin_transaction():
                 context.run_migrations()
             conn.commit()
-        """))
+        """)
+    )
     (app / "migrations" / "script.py.mako").write_text("")
-    (app / "migrations" / "versions" / "a1_users.py").write_text(textwrap.dedent("""\
+    (app / "migrations" / "versions" / "a1_users.py").write_text(
+        textwrap.dedent("""\
         import sqlalchemy as sa
         from alembic import op
         revision = "a1"
@@ -124,10 +137,15 @@ def test_host_app_alembic_environment_includes_ledger_versions(pg_url: str, tmp_
             op.create_table("users", sa.Column("id", sa.Integer, primary_key=True))
         def downgrade():
             op.drop_table("users")
-        """))
+        """)
+    )
     out = subprocess.run(
         [sys.executable, "-m", "alembic", "-c", str(app / "alembic.ini"), "upgrade", "heads"],
-        capture_output=True, text=True, check=False, timeout=120, cwd=app,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        cwd=app,
     )
     assert out.returncode == 0, out.stderr
     assert _diff(pg_url) == []

@@ -45,9 +45,7 @@ def leaked_connections() -> Iterator[list[psycopg.Connection]]:
         conn.close()
 
 
-def test_pg_url_teardown_survives_leaked_connections(
-    leaked_connections: list[psycopg.Connection], pg_url: str
-) -> None:
+def test_pg_url_teardown_survives_leaked_connections(leaked_connections: list[psycopg.Connection], pg_url: str) -> None:
     # Simulates a library pool that is never disposed: open connections, one of them
     # idle in a transaction holding a lock. Teardown must still drop the database.
     leaked_connections.extend(psycopg.connect(_psycopg_dsn(pg_url)) for _ in range(3))

@@ -1,0 +1,333 @@
+"""Leases, waiting, unknown outcomes, reconcile, resolve and the recovery sweeper (in one process).
+
+The same guarantees under real processes, kills and restarts are in test_adversarial.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from agent_ledger import (
+    NOT_EXECUTED,
+    Effect,
+    InProgress,
+    Ledger,
+    LedgerError,
+    OutcomeUnknown,
+    RecordedError,
+    Status,
+    ToolCall,
+    compute_key,
+)
+from agent_ledger._flow import utcnow
+
+CALL = ToolCall(workflow_id="order-1", tool="stripe.charge", args={"amount": 100})
+KEY = compute_key("order-1", "stripe.charge", {"amount": 100})
+
+
+def stale_claim(led: Ledger, call: ToolCall = CALL, owner: str = "elsewhere:4242:deadbeef", ago: float = 60) -> str:
+    """A claim left behind by a worker on another host that died `ago` seconds ago (lease long expired)."""
+    from agent_ledger import _keys
+
+    args = _keys.normalise(call.args)
+    key = _keys.compute_key(call.workflow_id, call.tool, args)
+    then = utcnow() - dt.timedelta(seconds=ago)
+    led._rt.do(
+        led._rt.store.claim_new(
+            key=key,
+            workflow_id=call.workflow_id,
+            tool=call.tool,
+            payload_hash=_keys.payload_hash(call.tool, args),
+            args=args,
+            owner=owner,
+            lease_expires_at=then,
+            now=then,
+        )
+    )
+    return key
+
+
+def test_wait_zero_raises_in_progress_with_owner_and_since(make_ledger: Callable[..., Ledger]) -> None:
+    holder, other = make_ledger(), make_ledger()
+    entered, release = threading.Event(), threading.Event()
+    runs = 0
+
+    def slow(amount: int) -> str:
+        nonlocal runs
+        runs += 1
+        entered.set()
+        release.wait(10)
+        return "done"
+
+    t = threading.Thread(target=lambda: holder.run(CALL, handler=slow))
+    t.start()
+    assert entered.wait(10)
+    with pytest.raises(InProgress) as info:
+        other.run(CALL, handler=slow, wait=0)
+    assert info.value.key == KEY and info.value.owner == holder.owner and info.value.since is not None
+    assert str(holder.owner) in str(info.value)
+    with pytest.raises(InProgress):
+        other.run(CALL, handler=slow, wait=dt.timedelta(milliseconds=50))
+    release.set()
+    t.join()
+    # A waiter with time to spare gets the winner's result.
+    assert other.run(CALL, handler=slow) == "done"
+    assert runs == 1
+
+
+def test_waiters_receive_the_winners_result(make_ledger: Callable[..., Ledger]) -> None:
+    holder, waiter = make_ledger(), make_ledger()
+    entered = threading.Event()
+    runs = 0
+
+    def slow(amount: int) -> dict[str, int]:
+        nonlocal runs
+        runs += 1
+        entered.set()
+        threading.Event().wait(0.3)
+        return {"charged": amount}
+
+    t = threading.Thread(target=lambda: holder.run(CALL, handler=slow))
+    t.start()
+    assert entered.wait(10)
+    assert waiter.run(CALL, handler=slow, wait=10) == {"charged": 100}
+    t.join()
+    assert runs == 1
+
+
+def test_waiters_get_the_winners_error_under_replay_policy(make_ledger: Callable[..., Ledger]) -> None:
+    holder, waiter = make_ledger(), make_ledger()
+    entered = threading.Event()
+    runs = 0
+
+    def failing(amount: int) -> None:
+        nonlocal runs
+        runs += 1
+        entered.set()
+        threading.Event().wait(0.2)
+        raise ValueError("declined")
+
+    def hold() -> None:
+        with pytest.raises(ValueError):
+            holder.run(CALL, handler=failing, on_error="replay")
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert entered.wait(10)
+    with pytest.raises(RecordedError, match="declined"):
+        waiter.run(CALL, handler=failing, on_error="replay", wait=10)
+    t.join()
+    assert runs == 1
+
+
+def test_expired_lease_becomes_unknown_and_is_never_rerun(ledger: Ledger) -> None:
+    stale_claim(ledger)
+    runs = 0
+
+    def charge(amount: int) -> str:
+        nonlocal runs
+        runs += 1
+        return "charged"
+
+    for _ in range(3):
+        with pytest.raises(OutcomeUnknown) as info:
+            ledger.run(CALL, handler=charge)
+    assert runs == 0
+    err = info.value
+    assert err.key == KEY and err.tool == "stripe.charge" and err.tool_args == {"amount": 100}
+    assert err.owner == "elsewhere:4242:deadbeef" and "resolve" in str(err)
+    (rec,) = ledger.history("order-1")
+    assert rec.status is Status.UNKNOWN
+    assert [e.kind for e in rec.events] == ["marked_unknown"]
+
+
+def test_on_crash_retry_takes_over_with_the_same_idem_key(ledger: Ledger) -> None:
+    stale_claim(ledger)
+    seen: list[Effect] = []
+
+    def charge(amount: int, effect: Effect) -> str:
+        seen.append(effect)
+        return "charged"
+
+    assert ledger.run(CALL, handler=charge, on_crash="retry") == "charged"
+    assert ledger.run(CALL, handler=charge, on_crash="retry") == "charged"
+    assert [(e.attempt, e.idem_key) for e in seen] == [(2, KEY)]
+    (rec,) = ledger.history("order-1")
+    takeover = next(e for e in rec.events if e.kind == "takeover")
+    assert takeover.detail and takeover.detail["previous_owner"] == "elsewhere:4242:deadbeef"
+
+
+def test_reconcile_found_returns_the_downstream_result_without_running(ledger: Ledger) -> None:
+    stale_claim(ledger)
+    asked: list[Effect] = []
+    runs = 0
+
+    def lookup(effect: Effect) -> dict[str, str]:
+        asked.append(effect)
+        return {"charge": "ch_found"}
+
+    def charge(amount: int) -> dict[str, str]:
+        nonlocal runs
+        runs += 1
+        return {"charge": "ch_new"}
+
+    assert ledger.run(CALL, handler=charge, reconcile=lookup) == {"charge": "ch_found"}
+    assert ledger.run(CALL, handler=charge, reconcile=lookup) == {"charge": "ch_found"}
+    assert runs == 0 and len(asked) == 1 and asked[0].idem_key == KEY
+
+
+def test_reconcile_not_executed_runs_the_handler_once(ledger: Ledger) -> None:
+    stale_claim(ledger)
+    runs = 0
+
+    def charge(amount: int) -> str:
+        nonlocal runs
+        runs += 1
+        return "ch_new"
+
+    assert ledger.run(CALL, handler=charge, reconcile=lambda effect: NOT_EXECUTED) == "ch_new"
+    assert ledger.run(CALL, handler=charge, reconcile=lambda effect: NOT_EXECUTED) == "ch_new"
+    assert runs == 1
+    (rec,) = ledger.history("order-1")
+    assert rec.status is Status.SUCCEEDED
+    assert [e.kind for e in rec.events] == ["reconcile", "reconciled", "succeeded", "replayed"]
+
+
+def test_reconcile_that_raises_leaves_the_outcome_unknown(ledger: Ledger) -> None:
+    stale_claim(ledger)
+
+    def broken(effect: Effect) -> Any:
+        raise TimeoutError("downstream lookup timed out")
+
+    with pytest.raises(OutcomeUnknown, match="reconcile raised"):
+        ledger.run(CALL, handler=lambda amount: pytest.fail("ran"), reconcile=broken)
+    (rec,) = ledger.history("order-1")
+    assert rec.status is Status.UNKNOWN
+
+
+@pytest.mark.parametrize("how", ["result", "error", "retry"])
+def test_resolve_settles_an_unknown_effect(ledger: Ledger, how: str) -> None:
+    stale_claim(ledger)
+    with pytest.raises(OutcomeUnknown):
+        ledger.run(CALL, handler=lambda amount: pytest.fail("ran"))
+    runs = 0
+
+    def charge(amount: int) -> str:
+        nonlocal runs
+        runs += 1
+        return "ch_rerun"
+
+    if how == "result":
+        rec = ledger.resolve(KEY, result={"charge": "ch_manual"}, by="alice", reason="found in dashboard")
+        assert rec.status is Status.SUCCEEDED
+        assert ledger.run(CALL, handler=charge) == {"charge": "ch_manual"}
+    elif how == "error":
+        rec = ledger.resolve(KEY, error="card was declined", by="alice")
+        assert rec.status is Status.FAILED
+        with pytest.raises(RecordedError, match="card was declined"):
+            ledger.run(CALL, handler=charge, on_error="replay")
+    else:
+        rec = ledger.resolve(KEY, retry=True, by="alice")
+        assert rec.status is Status.PENDING
+        assert ledger.run(CALL, handler=charge) == "ch_rerun"
+        assert ledger.run(CALL, handler=charge) == "ch_rerun"
+    assert runs == (1 if how == "retry" else 0)
+    resolved = [e for e in ledger.history("order-1")[0].events if e.kind == "resolved"]
+    assert len(resolved) == 1 and resolved[0].owner == "alice"
+
+
+def test_resolve_refuses_bad_requests(ledger: Ledger) -> None:
+    with pytest.raises(LedgerError, match="no effect"):
+        ledger.resolve("v1:missing", retry=True, by="alice")
+    key = stale_claim(ledger, ago=-60)  # a live lease held by another host
+    with pytest.raises(LedgerError, match="live lease"):
+        ledger.resolve(key, retry=True, by="alice")
+    with pytest.raises(LedgerError, match="exactly one"):
+        ledger.resolve(key, retry=True, result=1, by="alice")
+    assert ledger.resolve(key, retry=True, by="alice", force=True).status is Status.PENDING
+    ledger.run(CALL, handler=lambda amount: 1)
+    with pytest.raises(LedgerError, match="succeeded"):
+        ledger.resolve(key, retry=True, by="alice")
+
+
+def test_interrupted_handler_is_recorded_unknown(ledger: Ledger) -> None:
+    def interrupted(amount: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ledger.run(CALL, handler=interrupted)
+    with pytest.raises(OutcomeUnknown):
+        ledger.run(CALL, handler=lambda amount: pytest.fail("ran"))
+
+
+async def test_cancelled_async_handler_is_recorded_unknown(ledger: Ledger) -> None:
+    started = asyncio.Event()
+
+    async def slow(amount: int) -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    task = asyncio.create_task(ledger.run(CALL, handler=slow))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(OutcomeUnknown):
+        await ledger.arun(CALL, handler=slow)
+    await ledger.aclose()
+
+
+async def test_async_heartbeat_keeps_a_long_call_alive(make_ledger: Callable[..., Ledger]) -> None:
+    holder, other = make_ledger(lease=0.3), make_ledger(lease=0.3)
+    runs = 0
+
+    async def slow(amount: int) -> str:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(1.2)  # four leases
+        return "done"
+
+    task = asyncio.create_task(holder.run(CALL, handler=slow))
+    await asyncio.sleep(0.05)
+    refusals = 0
+    while not task.done():
+        with pytest.raises(InProgress):
+            await other.arun(CALL, handler=slow, wait=0)
+        refusals += 1
+        await asyncio.sleep(0.1)
+    assert await task == "done"
+    assert await other.arun(CALL, handler=slow) == "done"
+    assert runs == 1 and refusals >= 8
+    await holder.aclose()
+    await other.aclose()
+
+
+def test_recover_marks_stale_effects_unknown_and_reconciles_registered_tools(ledger: Ledger) -> None:
+    @ledger.tool("bank.transfer", reconcile=lambda effect: {"found": effect.args["n"]})
+    def transfer(n: int) -> dict[str, int]:
+        pytest.fail("must not run")
+
+    @ledger.tool("mail.send", reconcile=lambda effect: NOT_EXECUTED)
+    def send(n: int) -> str:
+        return "sent"
+
+    unknown = stale_claim(ledger, ToolCall(workflow_id="wf", tool="stripe.charge", args={"n": 1}))
+    found = stale_claim(ledger, ToolCall(workflow_id="wf", tool="bank.transfer", args={"n": 2}))
+    released = stale_claim(ledger, ToolCall(workflow_id="wf", tool="mail.send", args={"n": 3}))
+    live = stale_claim(ledger, ToolCall(workflow_id="wf", tool="stripe.charge", args={"n": 4}), ago=-60)
+    report = ledger.recover(batch_size=2)
+    assert report.marked_unknown == [unknown]
+    assert report.reconciled == [found]
+    assert report.released == [released]
+    status = {r.key: r.status for r in ledger.history("wf")}
+    assert status == {unknown: Status.UNKNOWN, found: Status.SUCCEEDED, released: Status.PENDING, live: Status.RUNNING}
+    with ledger.workflow("wf"):
+        assert transfer(2) == {"found": 2}
+        assert send(3) == "sent"
+    assert ledger.recover().examined == 0
