@@ -25,32 +25,10 @@ from agent_ledger import (
     ToolCall,
     compute_key,
 )
-from agent_ledger._flow import utcnow
+from _workers import stale_claim
 
 CALL = ToolCall(workflow_id="order-1", tool="stripe.charge", args={"amount": 100})
 KEY = compute_key("order-1", "stripe.charge", {"amount": 100})
-
-
-def stale_claim(led: Ledger, call: ToolCall = CALL, owner: str = "elsewhere:4242:deadbeef", ago: float = 60) -> str:
-    """A claim left behind by a worker on another host that died `ago` seconds ago (lease long expired)."""
-    from agent_ledger import _keys
-
-    args = _keys.normalise(call.args)
-    key = _keys.compute_key(call.workflow_id, call.tool, args)
-    then = utcnow() - dt.timedelta(seconds=ago)
-    led._rt.do(
-        led._rt.store.claim_new(
-            key=key,
-            workflow_id=call.workflow_id,
-            tool=call.tool,
-            payload_hash=_keys.payload_hash(call.tool, args),
-            args=args,
-            owner=owner,
-            lease_expires_at=then,
-            now=then,
-        )
-    )
-    return key
 
 
 def test_wait_zero_raises_in_progress_with_owner_and_since(make_ledger: Callable[..., Ledger]) -> None:
@@ -127,7 +105,7 @@ def test_waiters_get_the_winners_error_under_replay_policy(make_ledger: Callable
 
 
 def test_expired_lease_becomes_unknown_and_is_never_rerun(ledger: Ledger) -> None:
-    stale_claim(ledger)
+    stale_claim(ledger, CALL)
     runs = 0
 
     def charge(amount: int) -> str:
@@ -148,7 +126,7 @@ def test_expired_lease_becomes_unknown_and_is_never_rerun(ledger: Ledger) -> Non
 
 
 def test_on_crash_retry_takes_over_with_the_same_idem_key(ledger: Ledger) -> None:
-    stale_claim(ledger)
+    stale_claim(ledger, CALL)
     seen: list[Effect] = []
 
     def charge(amount: int, effect: Effect) -> str:
@@ -164,7 +142,7 @@ def test_on_crash_retry_takes_over_with_the_same_idem_key(ledger: Ledger) -> Non
 
 
 def test_reconcile_found_returns_the_downstream_result_without_running(ledger: Ledger) -> None:
-    stale_claim(ledger)
+    stale_claim(ledger, CALL)
     asked: list[Effect] = []
     runs = 0
 
@@ -183,7 +161,7 @@ def test_reconcile_found_returns_the_downstream_result_without_running(ledger: L
 
 
 def test_reconcile_not_executed_runs_the_handler_once(ledger: Ledger) -> None:
-    stale_claim(ledger)
+    stale_claim(ledger, CALL)
     runs = 0
 
     def charge(amount: int) -> str:
@@ -200,7 +178,7 @@ def test_reconcile_not_executed_runs_the_handler_once(ledger: Ledger) -> None:
 
 
 def test_reconcile_that_raises_leaves_the_outcome_unknown(ledger: Ledger) -> None:
-    stale_claim(ledger)
+    stale_claim(ledger, CALL)
 
     def broken(effect: Effect) -> Any:
         raise TimeoutError("downstream lookup timed out")
@@ -213,7 +191,7 @@ def test_reconcile_that_raises_leaves_the_outcome_unknown(ledger: Ledger) -> Non
 
 @pytest.mark.parametrize("how", ["result", "error", "retry"])
 def test_resolve_settles_an_unknown_effect(ledger: Ledger, how: str) -> None:
-    stale_claim(ledger)
+    stale_claim(ledger, CALL)
     with pytest.raises(OutcomeUnknown):
         ledger.run(CALL, handler=lambda amount: pytest.fail("ran"))
     runs = 0
@@ -245,7 +223,7 @@ def test_resolve_settles_an_unknown_effect(ledger: Ledger, how: str) -> None:
 def test_resolve_refuses_bad_requests(ledger: Ledger) -> None:
     with pytest.raises(LedgerError, match="no effect"):
         ledger.resolve("v1:missing", retry=True, by="alice")
-    key = stale_claim(ledger, ago=-60)  # a live lease held by another host
+    key = stale_claim(ledger, CALL, ago=-60)  # a live lease held by another host
     with pytest.raises(LedgerError, match="live lease"):
         ledger.resolve(key, retry=True, by="alice")
     with pytest.raises(LedgerError, match="exactly one"):

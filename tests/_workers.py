@@ -1,0 +1,154 @@
+"""Worker processes for the adversarial tests (started with multiprocessing's spawn context).
+
+Every handler appends one line to a log file with a single O_APPEND write, so the parent counts
+executions across processes (and across kills) exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import datetime as dt
+
+from agent_ledger import Effect, InProgress, Ledger, LedgerError, StorageError, ToolCall, _keys
+from agent_ledger._flow import utcnow
+
+
+def stale_claim(led: Ledger, call: ToolCall, owner: str = "elsewhere:4242:deadbeef", ago: float = 60) -> str:
+    """A claim left by a worker on another host that died ``ago`` seconds ago (negative: lease still live)."""
+    args = _keys.normalise(call.args)
+    key = _keys.compute_key(call.workflow_id, call.tool, args)
+    then = utcnow() - dt.timedelta(seconds=ago)
+    led._rt.do(
+        led._rt.store.claim_new(
+            key=key,
+            workflow_id=call.workflow_id,
+            tool=call.tool,
+            payload_hash=_keys.payload_hash(call.tool, args),
+            args=args,
+            owner=owner,
+            lease_expires_at=then,
+            now=then,
+        )
+    )
+    return key
+
+
+def log_line(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (text + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def read_lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def race(url: str, rounds: int, barrier: Any, results: Any, log: str) -> None:
+    """Race the other workers on one key per round; report what each call returned."""
+    ledger = Ledger(url, lease=10, wait=30)
+    pid = os.getpid()
+
+    def handler(r: int, effect: Effect) -> dict[str, Any]:
+        log_line(log, f"{r} {pid}")
+        time.sleep(0.005)
+        return {"round": r, "winner": pid, "attempt": effect.attempt}
+
+    for r in range(rounds):
+        barrier.wait(timeout=60)
+        call = ToolCall(workflow_id=f"race-{r}", tool="race", args={"r": r})
+        results.put((r, pid, ledger.run(call, handler=handler)))
+    ledger.close()
+
+
+def victim(url: str, workflow: str, log: str, work_seconds: float, lease: float, on_crash: str, results: Any) -> None:
+    """Run one call whose handler takes a while; the parent may SIGKILL or SIGSTOP us mid-way."""
+    ledger = Ledger(url, lease=lease)
+
+    def handler(n: int) -> str:
+        log_line(log, f"start {os.getpid()}")
+        time.sleep(work_seconds)
+        log_line(log, f"done {os.getpid()}")
+        return f"by {os.getpid()}"
+
+    try:
+        out = ledger.run(
+            ToolCall(workflow_id=workflow, tool="victim", args={"n": 1}),
+            handler=handler,
+            on_crash=on_crash,  # type: ignore[arg-type]
+        )
+        results.put(("ok", out))
+    except LedgerError as e:
+        results.put(("error", type(e).__name__))
+    ledger.close()
+
+
+def agent(url: str, log: str, die_after: int | None) -> None:
+    """A three-step agent; SIGKILLs itself after step `die_after` (as a crash would)."""
+    ledger = Ledger(url)
+
+    def tool(name: str) -> Any:
+        @ledger.tool(name)
+        def step(order: str) -> str:
+            log_line(log, name)
+            return f"{name} done for {order}"
+
+        return step
+
+    steps = [tool("reserve"), tool("charge"), tool("ship")]
+    with ledger.workflow("order-777"):
+        for i, step in enumerate(steps, start=1):
+            step("order-777")
+            if die_after == i:
+                os.kill(os.getpid(), signal.SIGKILL)
+    ledger.close()
+
+
+def steady(url: str, calls: int, log: str, results: Any) -> None:
+    """Make `calls` calls one after another, retrying through database outages."""
+    ledger = Ledger(url, lease=1.0, wait=5)
+
+    def handler(i: int) -> int:
+        log_line(log, str(i))
+        time.sleep(0.01)
+        return i * i
+
+    for i in range(calls):
+        call = ToolCall(workflow_id="steady", tool="square", args={"i": i})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                out = ledger.run(call, handler=handler)
+                results.put((i, "ok", out))
+                break
+            except StorageError as e:
+                results.put((i, "storage_error", str(e)[:300]))
+            except InProgress:
+                pass
+            except LedgerError as e:
+                results.put((i, type(e).__name__, str(e)[:300]))
+                break
+            if time.monotonic() > deadline:
+                results.put((i, "gave_up", ""))
+                break
+            time.sleep(0.2)
+    ledger.close()
+
+
+def sweeper(url: str, barrier: Any, results: Any) -> None:
+    """One of several concurrent recovery sweepers."""
+    ledger = Ledger(url)
+    ledger._rt.ensure_schema()
+    barrier.wait(timeout=60)
+    report = ledger.recover(batch_size=5)
+    results.put((os.getpid(), report.marked_unknown))
+    ledger.close()
