@@ -6,12 +6,11 @@ executions across processes (and across kills) exactly.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import time
 from typing import Any
-
-import datetime as dt
 
 from agent_ledger import Effect, InProgress, Ledger, LedgerError, StorageError, ToolCall, _keys
 from agent_ledger._flow import utcnow

@@ -6,6 +6,7 @@ to a file, so executions are counted across processes and kills.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -92,10 +93,8 @@ def test_sigkill_never_causes_a_second_execution(db_url: str, ledger: Ledger, tm
             return "by parent"
 
         call = ToolCall(workflow_id=wf, tool="victim", args={"n": 1})
-        try:
+        with contextlib.suppress(OutcomeUnknown):
             ledger.run(call, handler=again)
-        except OutcomeUnknown:
-            pass
         lines = read_lines(log)
         starts = [x for x in lines if x.startswith("start")]
         assert len(starts) <= 1, f"two executions after a kill: {lines}"

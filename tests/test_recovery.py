@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _workers import stale_claim
 
 from agent_ledger import (
     NOT_EXECUTED,
@@ -25,7 +26,6 @@ from agent_ledger import (
     ToolCall,
     compute_key,
 )
-from _workers import stale_claim
 
 CALL = ToolCall(workflow_id="order-1", tool="stripe.charge", args={"amount": 100})
 KEY = compute_key("order-1", "stripe.charge", {"amount": 100})
