@@ -8,10 +8,24 @@ crash mid-call is never silently re-executed; everything is an audit row in SQLi
 from ._decide import TRANSITIONS
 from ._flow import NOT_EXECUTED
 from ._keys import compute_key, payload_hash
-from ._ledger import Ledger, Tool, Workflow, current_workflow
+from ._ledger import CallOptions, Ledger, Tool, Workflow, current_workflow
 from ._migrate import migrations_path
-from ._models import AuditEvent, Effect, EffectRecord, ErrorInfo, RecoveryReport, Status, ToolCall
+from ._models import (
+    Approval,
+    ApprovalStatus,
+    AuditEvent,
+    Effect,
+    EffectRecord,
+    ErrorInfo,
+    RecoveryReport,
+    Status,
+    ToolCall,
+)
 from .errors import (
+    ApprovalMismatch,
+    ApprovalPending,
+    ApprovalRefused,
+    ApprovalRejected,
     ConfigurationError,
     IllegalTransition,
     InProgress,
@@ -31,7 +45,14 @@ __version__ = "0.1.0"
 __all__ = [
     "NOT_EXECUTED",
     "TRANSITIONS",
+    "Approval",
+    "ApprovalMismatch",
+    "ApprovalPending",
+    "ApprovalRefused",
+    "ApprovalRejected",
+    "ApprovalStatus",
     "AuditEvent",
+    "CallOptions",
     "ConfigurationError",
     "Effect",
     "EffectRecord",

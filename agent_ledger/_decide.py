@@ -14,6 +14,7 @@ invent a move. ``decide()`` maps (stored row, request, time) to one ``Decision``
                      unknown / failed / running --resolve_result--> succeeded
                      unknown / failed / running --resolve_error---> failed
                      unknown / failed / running --resolve_retry---> pending --retry--> running
+                     pending --resolve_result / resolve_error--> succeeded / failed
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ __all__ = [
     "Request",
     "Row",
     "Wait",
+    "ApprovalStep",
     "decide",
+    "decide_approval",
     "error_matches",
     "transition",
 ]
@@ -218,3 +221,26 @@ def decide(row: Row | None, req: Request, now: datetime, *, owner_gone: bool = F
     if policy.on_crash == "retry":
         return Claim("takeover", status, row.attempt)
     return Refuse("unknown")
+
+
+ApprovalStep = Literal["use", "wait", "rejected", "expire", "request"]
+
+
+def decide_approval(approval: Mapping[str, Any] | None, now: datetime) -> ApprovalStep:
+    """What to do before executing a call that needs approval, given its newest request (or none).
+
+    ``use``: approved, unexpired and unused: consume it together with the claim. ``wait``: pending.
+    ``rejected``: refuse with the decision. ``expire``: its time ran out: record that, then ask again.
+    ``request``: no usable request for this exact payload (none yet, or the last one was used or expired).
+    """
+    if approval is None:
+        return "request"
+    status = approval["status"]
+    live = approval["expires_at"] > now
+    if status == "approved":
+        return "use" if live else "expire"
+    if status == "pending":
+        return "wait" if live else "expire"
+    if status == "rejected":
+        return "rejected"
+    return "request"  # consumed or expired

@@ -21,10 +21,26 @@ from typing import Any
 
 import pydantic_core
 
-from ._decide import Claim, MarkUnknown, Policy, Refuse, Replay, ReplayError, Request, Row, Wait, decide
+from ._decide import (
+    Claim,
+    MarkUnknown,
+    Policy,
+    Refuse,
+    Replay,
+    ReplayError,
+    Request,
+    Row,
+    Wait,
+    decide,
+    decide_approval,
+)
+from ._keys import normalise, payload_hash
 from ._models import Effect
 from ._store import Store, Work, row_from_mapping
 from .errors import (
+    ApprovalMismatch,
+    ApprovalPending,
+    ApprovalRejected,
     InProgress,
     OutcomeUnknown,
     PayloadMismatch,
@@ -36,7 +52,9 @@ __all__ = [
     "NOT_EXECUTED",
     "Beat",
     "Db",
+    "ApprovalPolicy",
     "Invoke",
+    "Notify",
     "Op",
     "Plan",
     "Replayed",
@@ -150,13 +168,20 @@ class StopBeat:
 
 
 @dataclass(frozen=True)
+class Notify:
+    """Tell the configured approval channels about a new request (failures are audited, not raised)."""
+
+    approval: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class Replayed:
     """Note a replay in the audit trail (batched by the driver, off the hot path)."""
 
     event: Mapping[str, Any]
 
 
-Op = Db | Invoke | Sleep | Beat | StopBeat | Replayed
+Op = Db | Invoke | Sleep | Beat | StopBeat | Replayed | Notify
 
 
 @dataclass(frozen=True)
@@ -180,6 +205,17 @@ class Plan:
     reconcile: Callable[[Effect], Any] | None = None
     decode: Callable[[Any], Any] | None = None
     detect_local_crashes: bool = True
+    approval: ApprovalPolicy | None = None
+    """Set when this call needs a human approval bound to its payload hash."""
+
+
+@dataclass(frozen=True)
+class ApprovalPolicy:
+    """How a call that needs approval asks for it."""
+
+    ttl: float
+    approvers: tuple[str, ...] | None
+    wait: float
 
 
 # -- results and errors -----------------------------------------------------------------------
@@ -316,18 +352,28 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
             continue
 
         assert isinstance(decision, Claim)
+        approval_id = None
+        if plan.approval is not None:
+            approval_id = yield from _approval_gate(plan)
+            now = utcnow()
         lease_until = now + timedelta(seconds=plan.lease)
         if decision.event == "claim":
             won = yield Db(
-                store.claim_new(
-                    key=plan.key,
-                    workflow_id=plan.workflow_id,
-                    tool=plan.tool,
-                    payload_hash=plan.payload_hash,
-                    args=plan.args,
-                    owner=plan.owner,
-                    lease_expires_at=lease_until,
-                    now=now,
+                _consuming(
+                    plan,
+                    approval_id,
+                    now,
+                    1,
+                    store.claim_new(
+                        key=plan.key,
+                        workflow_id=plan.workflow_id,
+                        tool=plan.tool,
+                        payload_hash=plan.payload_hash,
+                        args=plan.args,
+                        owner=plan.owner,
+                        lease_expires_at=lease_until,
+                        now=now,
+                    ),
                 )
             )
             if won is None:
@@ -338,20 +384,90 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
             assert row is not None
             detail = {"reason": "owner process gone"} if gone else None
             n = yield Db(
-                store.claim_again(
-                    event=decision.event,
-                    row=row,
-                    owner=plan.owner,
-                    lease_expires_at=lease_until,
-                    now=now,
-                    detail=detail,
+                _consuming(
+                    plan,
+                    approval_id,
+                    now,
+                    row.attempt + 1,
+                    store.claim_again(
+                        event=decision.event,
+                        row=row,
+                        owner=plan.owner,
+                        lease_expires_at=lease_until,
+                        now=now,
+                        detail=detail,
+                    ),
                 )
             )
             if not n:
                 found = yield Db(store.load(plan.key))
                 continue
             attempt = row.attempt + 1
-        return (yield from _run_claimed(plan, attempt, decision.event == "reconcile"))
+        return (yield from _run_claimed(plan, attempt, decision.event == "reconcile", approval_id))
+
+
+def _consuming(plan: Plan, approval_id: str | None, now: datetime, attempt: int, work: Work) -> Work:
+    if approval_id is None:
+        return work
+    return plan.store.consuming(
+        work,
+        approval_id=approval_id,
+        payload_hash=plan.payload_hash,
+        now=now,
+        actor=plan.owner,
+        plan_event={"key": plan.key, "workflow_id": plan.workflow_id, "tool": plan.tool, "attempt": attempt},
+    )
+
+
+def _approval_gate(plan: Plan) -> Generator[Op, Any, str]:
+    """Return the id of an approved, unused approval for exactly this payload, or raise.
+
+    Requests one (and notifies the channels) when there is none; waits up to ``approval.wait`` for a
+    decision; raises ``ApprovalPending`` or ``ApprovalRejected`` otherwise.
+    """
+    assert plan.approval is not None
+    policy = plan.approval
+    store = plan.store
+    began = time.monotonic()
+    delay = 0.01
+    while True:
+        now = utcnow()
+        found = yield Db(store.latest_approval(plan.key, plan.payload_hash))
+        step = decide_approval(found, now)
+        if step == "use":
+            return str(found["id"])
+        if step == "rejected":
+            raise ApprovalRejected(found["id"], plan.key, plan.tool, plan.args, found["decided_by"], found["reason"])
+        if step == "expire":
+            yield Db(store.expire_approval(found, now=now, actor=plan.owner))
+            continue
+        if step == "request":
+            new_id = "apr_" + uuid.uuid4().hex
+            created = yield Db(
+                store.request_approval(
+                    approval_id=new_id,
+                    key=plan.key,
+                    workflow_id=plan.workflow_id,
+                    tool=plan.tool,
+                    payload_hash=plan.payload_hash,
+                    args=plan.args,
+                    approvers=list(policy.approvers) if policy.approvers is not None else None,
+                    now=now,
+                    expires_at=now + timedelta(seconds=policy.ttl),
+                    actor=plan.owner,
+                )
+            )
+            if created is not None:
+                fresh = yield Db(store.approval(new_id))
+                yield Notify(fresh)
+            continue
+        # pending: wait for a decision, or hand the pending request back to the agent
+        waited = time.monotonic() - began
+        if waited >= policy.wait:
+            raise ApprovalPending(found["id"], plan.key, plan.tool, plan.args, found["expires_at"])
+        until_expiry = (found["expires_at"] - now).total_seconds()
+        yield Sleep(max(0.001, min(delay, policy.wait - waited, until_expiry + 0.001)))
+        delay = min(delay * 2, 0.25)
 
 
 def _event(plan: Plan, kind: str, attempt: int | None, owner: str | None, at: datetime, detail: Any) -> dict[str, Any]:
@@ -367,7 +483,9 @@ def _event(plan: Plan, kind: str, attempt: int | None, owner: str | None, at: da
     }
 
 
-def _run_claimed(plan: Plan, attempt: int, reconcile_first: bool) -> Generator[Op, Any, Any]:
+def _run_claimed(
+    plan: Plan, attempt: int, reconcile_first: bool, approval_id: str | None = None
+) -> Generator[Op, Any, Any]:
     effect = Effect(
         key=plan.key,
         idem_key=plan.key,
@@ -393,10 +511,15 @@ def _run_claimed(plan: Plan, attempt: int, reconcile_first: bool) -> Generator[O
             detail["reconciled"] = result is not NOT_EXECUTED
         try:
             if result is NOT_EXECUTED:
+                if approval_id is not None:
+                    _verify_approved_payload(plan, approval_id)
                 result = yield Invoke(plan.invoke, effect)
         except Exception as exc:
             detail["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
-            yield from _record(plan, "fail", finish, detail, error=describe_error(exc))
+            error = describe_error(exc)
+            # Each attempt's error stays in its own audit row (the effect keeps only the latest one).
+            detail["error"] = {"type": error["type"], "message": error["message"]}
+            yield from _record(plan, "fail", finish, detail, error=error)
             raise
         except BaseException as exc:
             # Interrupted (KeyboardInterrupt, SystemExit, task cancellation): the handler did not finish
@@ -420,6 +543,13 @@ def _run_claimed(plan: Plan, attempt: int, reconcile_first: bool) -> Generator[O
         return result
     finally:
         yield StopBeat(handle)
+
+
+def _verify_approved_payload(plan: Plan, approval_id: str) -> None:
+    """Recompute the payload hash from the arguments about to be handed over; refuse if they changed."""
+    actual = payload_hash(plan.tool, normalise(dict(plan.call_args), "args"))
+    if actual != plan.payload_hash:
+        raise ApprovalMismatch(approval_id, plan.key, plan.tool, plan.payload_hash, actual)
 
 
 def _reconcile(plan: Plan, effect: Effect, finish: Mapping[str, Any]) -> Generator[Op, Any, Any]:
@@ -449,6 +579,16 @@ def _reconcile(plan: Plan, effect: Effect, finish: Mapping[str, Any]) -> Generat
     return found
 
 
+def _late_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """What a fenced-off attempt produced, kept in its late_completion row (its only record)."""
+    out: dict[str, Any] = {}
+    if values.get("result_replayable"):
+        out["result"] = values.get("result")
+    elif values.get("result_repr") is not None:
+        out["result_repr"] = values["result_repr"]
+    return out
+
+
 def _record(
     plan: Plan, event: Any, finish: Mapping[str, Any], detail: dict[str, Any], **values: Any
 ) -> Generator[Op, Any, None]:
@@ -462,7 +602,7 @@ def _record(
                 kind="late_completion",
                 attempt=finish["attempt"],
                 at=now,
-                detail={"outcome": event, **detail},
+                detail={"outcome": event, **detail, **_late_values(values)},
                 **{k: finish[k] for k in ("key", "workflow_id", "tool", "owner")},
             )
         )

@@ -13,18 +13,40 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar, overload
+from typing import Any, Literal, Protocol, TypedDict, TypeVar, overload
 
 from pydantic import TypeAdapter
+from typing_extensions import Unpack
 
 from . import _keys
 from ._decide import Policy, Row, transition
-from ._flow import HOST, NOT_EXECUTED, Plan, describe_error, encode_result, execute, make_owner, owner_gone, utcnow
-from ._models import AuditEvent, Effect, EffectRecord, ErrorInfo, RecoveryReport, Status, ToolCall
+from ._flow import (
+    HOST,
+    NOT_EXECUTED,
+    ApprovalPolicy,
+    Plan,
+    describe_error,
+    encode_result,
+    execute,
+    make_owner,
+    owner_gone,
+    utcnow,
+)
+from ._models import (
+    Approval,
+    AuditEvent,
+    Effect,
+    EffectRecord,
+    ErrorInfo,
+    RecoveryReport,
+    Status,
+    ToolCall,
+    approval_from_row,
+)
 from ._runtime import Runtime
 from ._schema import DEFAULT_PREFIX, build_tables
 from ._store import row_from_mapping
-from .errors import ConfigurationError, IllegalTransition, InvalidArguments, LedgerError, NoWorkflow
+from .errors import ApprovalRefused, ConfigurationError, IllegalTransition, InvalidArguments, LedgerError, NoWorkflow
 
 __all__ = ["Ledger", "Tool", "Workflow", "current_workflow"]
 
@@ -51,6 +73,7 @@ class Tool(Protocol[R_co]):
 DEFAULT_URL = "sqlite:///agent_ledger.db"
 DEFAULT_LEASE = 30.0
 DEFAULT_WAIT = 30.0
+DEFAULT_APPROVAL_TTL = 24 * 3600.0
 
 _workflow: contextvars.ContextVar[str | None] = contextvars.ContextVar("agent_ledger_workflow", default=None)
 _UNSET: Any = object()
@@ -108,6 +131,35 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+class CallOptions(TypedDict, total=False):
+    """Options accepted by ``@ledger.tool(...)``, ``ledger.run(...)`` and ``ledger.arun(...)``."""
+
+    key: Iterable[str] | None
+    """Key on these arguments only (the full payload is still hashed and compared)."""
+    on_error: OnError | None
+    """``"retry"`` (default): a recorded failure runs again; ``"replay"``: it is re-raised."""
+    retry_on: Iterable[type[BaseException]] | None
+    """With failures replayed, these exception classes are retried instead."""
+    on_crash: OnCrash
+    """``"unknown"`` (default) or ``"retry"`` (take over a dead claim; same ``idem_key``)."""
+    reconcile: Callable[[Effect], Any] | None
+    """Looks an uncertain call up downstream: returns its result, or ``NOT_EXECUTED``."""
+    lease: float | timedelta | None
+    """Claim lifetime without a heartbeat (default: the ledger's, 30 s)."""
+    wait: float | timedelta | None
+    """How long a second caller waits for a running call (default: the ledger's; 0: don't wait)."""
+    requires_approval: bool | Callable[[ToolCall], bool]
+    """Ask a human first: ``True``, or a predicate of the call (e.g. ``lambda c: c.args["amount"] > 100``)."""
+    approvers: Iterable[str] | None
+    """Who may decide (user names, Slack user ids, webhook approver names); default anyone."""
+    approval_ttl: float | timedelta
+    """How long a request (and an unused approval) stays valid (default 24 h)."""
+    approval_wait: float | timedelta
+    """Block (sync) or await (async) this long for a decision; default 0: raise ``ApprovalPending``."""
+    result_type: Any
+    """``ledger.run`` only: rebuild replayed results as this type (the decorator uses the annotation)."""
+
+
 @dataclass(frozen=True)
 class _Options:
     """The per-tool (or per-call) options, validated once."""
@@ -117,23 +169,25 @@ class _Options:
     lease: float | None
     wait: float | None
     reconcile: Callable[[Effect], Any] | None
+    requires_approval: bool | Callable[[ToolCall], bool]
+    approval: ApprovalPolicy | None
+    result_type: Any
 
     @staticmethod
-    def build(
-        *,
-        key: Iterable[str] | None,
-        on_error: OnError | None,
-        retry_on: Iterable[type[BaseException]] | None,
-        on_crash: OnCrash,
-        reconcile: Callable[[Effect], Any] | None,
-        lease: float | timedelta | None,
-        wait: float | timedelta | None,
-    ) -> _Options:
+    def build(options: CallOptions) -> _Options:
+        unknown = set(options) - set(CallOptions.__annotations__)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown option(s) {sorted(unknown)}; known: {sorted(CallOptions.__annotations__)}"
+            )
+        on_error = options.get("on_error")
+        on_crash = options.get("on_crash", "unknown")
+        reconcile = options.get("reconcile")
         if on_error not in (None, "retry", "replay"):
             raise ConfigurationError(f"on_error must be 'retry' or 'replay', not {on_error!r}")
         if on_crash not in ("unknown", "retry"):
             raise ConfigurationError(f"on_crash must be 'unknown' or 'retry', not {on_crash!r}")
-        retry = tuple(retry_on or ())
+        retry = tuple(options.get("retry_on") or ())
         for cls in retry:
             if not (isinstance(cls, type) and issubclass(cls, BaseException)):
                 raise ConfigurationError(f"retry_on must hold exception classes, not {cls!r}")
@@ -144,6 +198,7 @@ class _Options:
             )
         if reconcile is not None and not callable(reconcile):
             raise ConfigurationError(f"reconcile must be callable, not {reconcile!r}")
+        key = options.get("key")
         key_names: tuple[str, ...] | None = None
         if key is not None:
             if isinstance(key, str):
@@ -151,6 +206,27 @@ class _Options:
             key_names = tuple(key)
             if not key_names or not all(isinstance(k, str) and k for k in key_names):
                 raise ConfigurationError(f"key must be a non-empty list of argument names, not {key!r}")
+        requires = options.get("requires_approval", False)
+        if not (isinstance(requires, bool) or callable(requires)):
+            raise ConfigurationError(f"requires_approval must be a bool or a predicate of the call, not {requires!r}")
+        approvers = options.get("approvers")
+        names: tuple[str, ...] | None = None
+        if approvers is not None:
+            if isinstance(approvers, str):
+                raise ConfigurationError(f"approvers must be a collection of names, not the string {approvers!r}")
+            names = tuple(sorted(set(approvers)))
+            if not names or not all(isinstance(a, str) and a for a in names):
+                raise ConfigurationError(f"approvers must be non-empty names, not {approvers!r}")
+        approval = None
+        if requires is not False:
+            approval = ApprovalPolicy(
+                ttl=_seconds(options.get("approval_ttl", DEFAULT_APPROVAL_TTL), "approval_ttl", allow_zero=False)
+                or DEFAULT_APPROVAL_TTL,
+                approvers=names,
+                wait=_seconds(options.get("approval_wait", 0.0), "approval_wait", allow_zero=True) or 0.0,
+            )
+        elif names is not None or "approval_ttl" in options or "approval_wait" in options:
+            raise ConfigurationError("approvers / approval_ttl / approval_wait need requires_approval=...")
         policy = Policy(
             on_error=on_error or ("replay" if retry else "retry"),
             retry_on=tuple(_qualname(c) for c in retry),
@@ -160,9 +236,12 @@ class _Options:
         return _Options(
             key=key_names,
             policy=policy,
-            lease=_seconds(lease, "lease", allow_zero=False),
-            wait=_seconds(wait, "wait", allow_zero=True),
+            lease=_seconds(options.get("lease"), "lease", allow_zero=False),
+            wait=_seconds(options.get("wait"), "wait", allow_zero=True),
             reconcile=reconcile,
+            requires_approval=requires,
+            approval=approval,
+            result_type=options.get("result_type", _UNSET),
         )
 
 
@@ -202,6 +281,7 @@ class Ledger:
         auto_migrate: bool | None = None,
         detect_local_crashes: bool = True,
         engine_options: Mapping[str, Any] | None = None,
+        channels: Iterable[Any] = (),
     ) -> None:
         resolved = url or os.environ.get("AGENT_LEDGER_URL") or DEFAULT_URL
         if not isinstance(max_args_bytes, int) or max_args_bytes <= 0:
@@ -214,8 +294,15 @@ class Ledger:
         self.max_args_bytes = max_args_bytes
         self.detect_local_crashes = detect_local_crashes
         self.tables = build_tables(table_prefix, schema)
-        self._rt = Runtime(resolved, self.tables, auto_migrate=auto_migrate, engine_options=engine_options)
+        self.channels = list(channels)
+        for channel in self.channels:
+            if not callable(getattr(channel, "request", None)):
+                raise ConfigurationError(f"channel {channel!r} has no request(approval) method")
+        self._rt = Runtime(
+            resolved, self.tables, auto_migrate=auto_migrate, engine_options=engine_options, channels=self.channels
+        )
         self.owner = make_owner()
+        self._rt.actor = self.owner
         self._tools: dict[str, tuple[Callable[..., Any], _Options]] = {}
 
     def __repr__(self) -> str:
@@ -306,113 +393,63 @@ class Ledger:
             reconcile=options.reconcile,
             decode=decode,
             detect_local_crashes=self.detect_local_crashes,
+            approval=self._approval_for(options, workflow_id, tool, args),
         )
+
+    @staticmethod
+    def _approval_for(options: _Options, workflow_id: str, tool: str, args: Mapping[str, Any]) -> ApprovalPolicy | None:
+        requires = options.requires_approval
+        if requires is False:
+            return None
+        if requires is True:
+            return options.approval
+        try:
+            needed = requires(ToolCall(workflow_id=workflow_id, tool=tool, args=dict(args)))
+        except Exception as e:
+            raise ConfigurationError(f"the requires_approval predicate of tool {tool!r} raised {e!r}") from e
+        if not isinstance(needed, bool):
+            raise ConfigurationError(
+                f"the requires_approval predicate of tool {tool!r} returned {needed!r}, not a bool"
+            )
+        return options.approval if needed else None
 
     # -- the explicit form -----------------------------------------------------------------
 
     @overload
     def run(
-        self,
-        call: ToolCall,
-        handler: Callable[..., Coroutine[Any, Any, R]],
-        *,
-        key: Iterable[str] | None = ...,
-        result_type: Any = ...,
-        on_error: OnError | None = ...,
-        retry_on: Iterable[type[BaseException]] | None = ...,
-        on_crash: OnCrash = ...,
-        reconcile: Callable[[Effect], Any] | None = ...,
-        lease: float | timedelta | None = ...,
-        wait: float | timedelta | None = ...,
+        self, call: ToolCall, handler: Callable[..., Coroutine[Any, Any, R]], **options: Unpack[CallOptions]
     ) -> Coroutine[Any, Any, R]: ...
 
     @overload
-    def run(
-        self,
-        call: ToolCall,
-        handler: Callable[..., R],
-        *,
-        key: Iterable[str] | None = ...,
-        result_type: Any = ...,
-        on_error: OnError | None = ...,
-        retry_on: Iterable[type[BaseException]] | None = ...,
-        on_crash: OnCrash = ...,
-        reconcile: Callable[[Effect], Any] | None = ...,
-        lease: float | timedelta | None = ...,
-        wait: float | timedelta | None = ...,
-    ) -> R: ...
+    def run(self, call: ToolCall, handler: Callable[..., R], **options: Unpack[CallOptions]) -> R: ...
 
-    def run(
-        self,
-        call: ToolCall,
-        handler: Callable[..., Any],
-        *,
-        key: Iterable[str] | None = None,
-        result_type: Any = _UNSET,
-        on_error: OnError | None = None,
-        retry_on: Iterable[type[BaseException]] | None = None,
-        on_crash: OnCrash = "unknown",
-        reconcile: Callable[[Effect], Any] | None = None,
-        lease: float | timedelta | None = None,
-        wait: float | timedelta | None = None,
-    ) -> Any:
+    def run(self, call: ToolCall, handler: Callable[..., Any], **options: Unpack[CallOptions]) -> Any:
         """Run ``handler(**call.args)`` once for this call's key; replay the recorded outcome after that.
 
         A sync handler returns the result; an async handler makes this return an awaitable. The handler
         also receives the ``Effect`` if it declares a parameter named ``effect``. On a replay the stored
-        JSON is returned, rebuilt as ``result_type`` when given (a pydantic model, dataclass, ...).
+        JSON is returned, rebuilt as ``result_type`` when given (a pydantic model, dataclass, ...). The
+        options are those of ``CallOptions`` (the same as ``@ledger.tool``).
         """
-        plan = self._call_plan(call, handler, key, result_type, on_error, retry_on, on_crash, reconcile, lease, wait)
+        plan = self._call_plan(call, handler, options)
         if _is_async(handler):
             return self._rt.run_async(execute(plan))
         return self._rt.run_sync(execute(plan))
 
-    async def arun(
-        self,
-        call: ToolCall,
-        handler: Callable[..., Any],
-        *,
-        key: Iterable[str] | None = None,
-        result_type: Any = _UNSET,
-        on_error: OnError | None = None,
-        retry_on: Iterable[type[BaseException]] | None = None,
-        on_crash: OnCrash = "unknown",
-        reconcile: Callable[[Effect], Any] | None = None,
-        lease: float | timedelta | None = None,
-        wait: float | timedelta | None = None,
-    ) -> Any:
+    async def arun(self, call: ToolCall, handler: Callable[..., Any], **options: Unpack[CallOptions]) -> Any:
         """``run`` for async code: awaits async handlers and calls sync ones in the event loop."""
-        plan = self._call_plan(call, handler, key, result_type, on_error, retry_on, on_crash, reconcile, lease, wait)
+        plan = self._call_plan(call, handler, options)
         return await self._rt.run_async(execute(plan))
 
-    def _call_plan(
-        self,
-        call: ToolCall,
-        handler: Callable[..., Any],
-        key: Iterable[str] | None,
-        result_type: Any,
-        on_error: OnError | None,
-        retry_on: Iterable[type[BaseException]] | None,
-        on_crash: OnCrash,
-        reconcile: Callable[[Effect], Any] | None,
-        lease: float | timedelta | None,
-        wait: float | timedelta | None,
-    ) -> Plan:
+    def _call_plan(self, call: ToolCall, handler: Callable[..., Any], raw: CallOptions) -> Plan:
         if not isinstance(call, ToolCall):
             raise InvalidArguments(f"ledger.run takes a ToolCall, not {type(call).__qualname__}")
         if not callable(handler):
             raise InvalidArguments(f"handler must be callable, not {handler!r}")
-        options = _Options.build(
-            key=key,
-            on_error=on_error,
-            retry_on=retry_on,
-            on_crash=on_crash,
-            reconcile=reconcile,
-            lease=lease,
-            wait=wait,
-        )
+        options = _Options.build(raw)
         args = dict(call.args)
-        if "effect" in args and _wants_effect(handler):
+        wants = _wants_effect(handler)
+        if "effect" in args and wants:
             raise InvalidArguments(
                 f"tool {call.tool!r}: the argument name 'effect' is reserved for the Effect the handler receives"
             )
@@ -420,7 +457,6 @@ class Ledger:
             sig = inspect.signature(handler)
         except (TypeError, ValueError):
             sig = None
-        wants = _wants_effect(handler)
         if sig is not None:
             try:
                 sig.bind(**args, **({"effect": None} if wants else {}))
@@ -432,7 +468,7 @@ class Ledger:
         def invoke(effect: Effect) -> Any:
             return handler(**args, effect=effect) if wants else handler(**args)
 
-        decode = None if result_type is _UNSET else TypeAdapter(result_type).validate_python
+        decode = None if options.result_type is _UNSET else TypeAdapter(options.result_type).validate_python
         return self._plan(
             workflow_id=call.workflow_id,
             tool=call.tool,
@@ -449,56 +485,30 @@ class Ledger:
 
     @overload
     def tool(
-        self,
-        name: str | None = None,
-        /,
-        *,
-        key: Iterable[str] | None = None,
-        on_error: OnError | None = None,
-        retry_on: Iterable[type[BaseException]] | None = None,
-        on_crash: OnCrash = "unknown",
-        reconcile: Callable[[Effect], Any] | None = None,
-        lease: float | timedelta | None = None,
-        wait: float | timedelta | None = None,
+        self, name: str | None = None, /, **options: Unpack[CallOptions]
     ) -> Callable[[Callable[..., R]], Tool[R]]: ...
 
-    def tool(
-        self,
-        name: str | Callable[..., Any] | None = None,
-        /,
-        *,
-        key: Iterable[str] | None = None,
-        on_error: OnError | None = None,
-        retry_on: Iterable[type[BaseException]] | None = None,
-        on_crash: OnCrash = "unknown",
-        reconcile: Callable[[Effect], Any] | None = None,
-        lease: float | timedelta | None = None,
-        wait: float | timedelta | None = None,
-    ) -> Any:
+    def tool(self, name: str | Callable[..., Any] | None = None, /, **options: Unpack[CallOptions]) -> Any:
         """Make a function a ledgered tool: each call runs once per (workflow, tool, args) key.
 
-        ``name`` defaults to ``module.qualname``. ``key`` restricts the key to some arguments (the full
-        payload is still checked). ``on_error`` / ``retry_on`` choose whether a recorded failure is
-        retried or replayed; ``on_crash`` what happens after a worker died mid-call; ``reconcile`` looks
-        an uncertain call up downstream. The decorated function keeps its signature; calls need a
-        ``ledger.workflow(...)`` in context.
+        ``name`` defaults to ``module.qualname``. The options are those of ``CallOptions``: ``key``
+        restricts the key to some arguments (the full payload is still checked); ``on_error`` /
+        ``retry_on`` choose whether a recorded failure is retried or replayed; ``on_crash`` what happens
+        after a worker died mid-call; ``reconcile`` looks an uncertain call up downstream;
+        ``requires_approval`` asks a human first. Calls need a ``ledger.workflow(...)`` in context.
         """
-        options = _Options.build(
-            key=key,
-            on_error=on_error,
-            retry_on=retry_on,
-            on_crash=on_crash,
-            reconcile=reconcile,
-            lease=lease,
-            wait=wait,
-        )
+        if "result_type" in options:
+            raise ConfigurationError(
+                "@ledger.tool rebuilds results from the return annotation; result_type is for run()"
+            )
+        built = _Options.build(options)
         if callable(name):
-            return self._decorate(name, None, options)
+            return self._decorate(name, None, built)
         if name is not None and (not isinstance(name, str) or not name or len(name) > 255):
             raise ConfigurationError(f"tool name must be a non-empty string of at most 255 characters, not {name!r}")
 
         def decorator(fn: Callable[..., R]) -> Tool[R]:
-            return self._decorate(fn, name, options)
+            return self._decorate(fn, name, built)
 
         return decorator
 
@@ -580,6 +590,67 @@ class Ledger:
         wrapper.tool_name = tool_name
         wrapper.ledger = self
         return typing.cast(Tool[R], wrapper)
+
+    # -- approvals -------------------------------------------------------------------------
+
+    def approval(self, approval_id: str) -> Approval | None:
+        """One approval request by id, or None."""
+        found = self._rt.do(self._rt.store.approval(approval_id))
+        return approval_from_row(found) if found is not None else None
+
+    def pending_approvals(self, workflow_id: str | None = None, tool: str | None = None) -> list[Approval]:
+        """Approval requests still waiting for a decision (oldest first), optionally filtered."""
+        rows = self._rt.do(self._rt.store.approvals(status="pending", workflow_id=workflow_id, tool=tool, now=utcnow()))
+        return [approval_from_row(r) for r in rows]
+
+    def approve(self, approval_id: str, *, by: str, reason: str | None = None) -> Approval:
+        """Approve a pending request, for exactly its payload. The first decision wins.
+
+        Raises ``ApprovalRefused`` (audited) when the id is unknown, the request was already decided or
+        expired, or ``by`` is not one of the tool's approvers.
+        """
+        return self._decide(approval_id, "approved", by, reason)
+
+    def reject(self, approval_id: str, *, by: str, reason: str) -> Approval:
+        """Reject a pending request; calls with its payload then raise ``ApprovalRejected`` with ``reason``."""
+        return self._decide(approval_id, "rejected", by, reason)
+
+    def _decide(self, approval_id: str, status: str, by: str, reason: str | None) -> Approval:
+        if not isinstance(by, str) or not by:
+            raise InvalidArguments("a decision needs by='<who decided>' for the audit trail")
+        store = self._rt.store
+        found = self._rt.do(store.approval(approval_id))
+        if found is None:
+            raise ApprovalRefused(approval_id, "no such approval request")
+        now = utcnow()
+
+        def refuse(why: str) -> ApprovalRefused:
+            self._rt.do(
+                store.event(
+                    key=found["key"],
+                    workflow_id=found["workflow_id"],
+                    tool=found["tool"],
+                    kind="approval_refused",
+                    attempt=None,
+                    owner=by,
+                    at=now,
+                    detail={"approval_id": approval_id, "decision": status, "why": why},
+                )
+            )
+            return ApprovalRefused(approval_id, why)
+
+        approvers = found["approvers"]
+        if approvers is not None and by not in approvers:
+            raise refuse(f"{by!r} may not decide on tool {found['tool']!r}; its approvers are {approvers}")
+        if not self._rt.do(store.decide_approval(found, status=status, by=by, reason=reason, now=now)):
+            current = self._rt.do(store.approval(approval_id))
+            if current["status"] == "pending" and current["expires_at"] <= now:
+                self._rt.do(store.expire_approval(current, now=now, actor=by))
+                raise refuse(f"it expired at {current['expires_at'].isoformat()}")
+            raise refuse(f"it is already {current['status']} (by {current['decided_by'] or 'nobody'})")
+        decided = self._rt.do(store.approval(approval_id))
+        self._rt.decided(decided)
+        return approval_from_row(decided)
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -702,6 +773,16 @@ class Ledger:
             return None
         events = self._rt.do(self._rt.store.events_for_key(key))
         return _record(found, [AuditEvent.model_validate(dict(e)) for e in events])
+
+    def events(self, *, workflow_id: str | None = None, key: str | None = None) -> list[AuditEvent]:
+        """The audit trail of a workflow or of one key, oldest first, including events of calls that
+        never ran (approval requests and decisions, refusals)."""
+        if (workflow_id is None) == (key is None):
+            raise InvalidArguments("events() takes exactly one of workflow_id=... or key=...")
+        self._rt.flush()
+        store = self._rt.store
+        work = store.events_for_workflow(workflow_id) if workflow_id is not None else store.events_for_key(str(key))
+        return [AuditEvent.model_validate(dict(e)) for e in self._rt.do(work)]
 
     def history(self, workflow_id: str) -> list[EffectRecord]:
         """The workflow's effects in the order they were first called, each with its audit events."""

@@ -10,7 +10,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["AuditEvent", "Effect", "EffectRecord", "ErrorInfo", "RecoveryReport", "Status", "ToolCall"]
+__all__ = [
+    "Approval",
+    "ApprovalStatus",
+    "AuditEvent",
+    "Effect",
+    "EffectRecord",
+    "ErrorInfo",
+    "RecoveryReport",
+    "Status",
+    "ToolCall",
+    "approval_from_row",
+]
 
 
 class Status(str, enum.Enum):
@@ -128,3 +139,61 @@ class RecoveryReport(BaseModel):
     """Effects whose ``reconcile`` raised (they are marked ``unknown``), with the error."""
     skipped: int = 0
     """Rows on this host whose owner process is still alive (not stale after all)."""
+
+
+class ApprovalStatus(str, enum.Enum):
+    """Where an approval request stands."""
+
+    PENDING = "pending"
+    """Waiting for a human decision (until ``expires_at``)."""
+    APPROVED = "approved"
+    """Approved for exactly its payload; not used yet."""
+    REJECTED = "rejected"
+    """Rejected: calls with this payload raise ``ApprovalRejected``."""
+    CONSUMED = "consumed"
+    """Used by one execution; a later execution needs a new approval."""
+    EXPIRED = "expired"
+    """Not decided (or not used) in time; a later call makes a new request."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Approval(BaseModel):
+    """An approval request, bound to one call's full payload hash."""
+
+    approval_id: str
+    workflow_id: str
+    key: str
+    tool: str
+    args: dict[str, Any]
+    payload_hash: str
+    status: ApprovalStatus
+    approvers: list[str] | None = None
+    """Who may decide (``None``: anyone who can reach the API, CLI or channel)."""
+    requested_at: datetime
+    expires_at: datetime
+    decided_at: datetime | None = None
+    decided_by: str | None = None
+    reason: str | None = None
+    consumed_at: datetime | None = None
+
+
+def approval_from_row(m: Mapping[str, Any]) -> Approval:
+    """An ``Approval`` from a row of the approvals table."""
+    return Approval(
+        approval_id=m["id"],
+        workflow_id=m["workflow_id"],
+        key=m["key"],
+        tool=m["tool"],
+        args=m["args"],
+        payload_hash=m["payload_hash"],
+        status=ApprovalStatus(m["status"]),
+        approvers=m["approvers"],
+        requested_at=m["requested_at"],
+        expires_at=m["expires_at"],
+        decided_at=m["decided_at"],
+        decided_by=m["decided_by"],
+        reason=m["reason"],
+        consumed_at=m["consumed_at"],
+    )

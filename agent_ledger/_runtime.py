@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -22,7 +22,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, exc, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from ._flow import Beat, Db, Invoke, Op, Replayed, Sleep, StopBeat, utcnow
+from ._flow import Beat, Db, Invoke, Notify, Op, Replayed, Sleep, StopBeat, utcnow
+from ._models import approval_from_row
 from ._schema import Tables
 from ._store import Store, Work
 from .errors import ConfigurationError, SchemaMissing, StorageError
@@ -121,6 +122,14 @@ def _outcome(res: Any, returns: str) -> Any:
     return None
 
 
+class _NoMatch(Exception):
+    """A later step of an all-or-nothing unit matched nothing: roll the whole unit back."""
+
+
+def _nothing(work: Work) -> Any:
+    return None if work.returns == "row" else 0
+
+
 def _matched(value: Any, returns: str) -> bool:
     if returns == "row":
         return value is not None
@@ -139,8 +148,11 @@ class Runtime:
         *,
         auto_migrate: bool | None,
         engine_options: Mapping[str, Any] | None = None,
+        channels: Sequence[Any] = (),
     ) -> None:
         self.dialect, self.sync_url, self.async_url = normalise_url(url)
+        self.channels = list(channels)
+        self.actor = ""
         self.tables = tables
         self.store = Store(tables, self.dialect)
         self.auto_migrate = (self.dialect == "sqlite") if auto_migrate is None else auto_migrate
@@ -148,6 +160,7 @@ class Runtime:
         self._engine: Engine | None = None
         self._aengines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+        self._schema_lock = threading.Lock()
         self._schema_ok = False
         self._heartbeats: _Heartbeats | None = None
         self._replays = _ReplayBuffer(self)
@@ -195,23 +208,35 @@ class Runtime:
 
     def _probe(self) -> Any:
         t = self.tables
-        return [select(t.effects).where(t.effects.c.key.is_(None)).limit(1), select(t.events).limit(0)]
+        return [
+            select(t.effects).where(t.effects.c.key.is_(None)).limit(1),
+            select(t.events).limit(0),
+            select(t.approvals).limit(0),
+        ]
 
     def ensure_schema(self) -> None:
         """Check (once) that the tables exist with every column; migrate or explain when they do not."""
         if self._schema_ok:
             return
+        with self._schema_lock:  # one check (and at most one migration) per process at a time
+            if self._schema_ok:
+                return
+            try:
+                self._check_schema()
+            except SchemaMissing:
+                if not self.auto_migrate:
+                    raise
+                self.migrate()
+            self._schema_ok = True
+
+    def _check_schema(self) -> None:
         try:
             with self.engine.connect() as conn:
                 conn.execution_options(agent_ledger_read=True)
                 for q in self._probe():
                     conn.execute(q)
         except exc.SQLAlchemyError as e:
-            err = _storage_error(e, "schema check")
-            if not isinstance(err, SchemaMissing) or not self.auto_migrate:
-                raise err from e
-            self.migrate()
-        self._schema_ok = True
+            raise _storage_error(e, "schema check") from e
 
     async def aensure_schema(self) -> None:
         """The async twin of ``ensure_schema`` (migrations themselves always run on the sync engine)."""
@@ -226,15 +251,27 @@ class Runtime:
             err = _storage_error(e, "schema check")
             if not isinstance(err, SchemaMissing) or not self.auto_migrate:
                 raise err from e
-            self.migrate()
+            self.ensure_schema()  # migrations run on the sync engine, under the process-wide lock
         self._schema_ok = True
 
     def migrate(self, revision: str = "head") -> None:
         """Upgrade the database to ``revision`` with the shipped alembic migrations."""
         from ._migrate import upgrade
 
-        with _mapped("migration"):
-            upgrade(self.engine, self.tables, revision)
+        try:
+            with _mapped("migration"):
+                upgrade(self.engine, self.tables, revision)
+        except StorageError:
+            # Another process may have migrated the same database at the same moment: if the tables are
+            # complete now, that is success; otherwise the original error stands.
+            try:
+                self._check_schema()
+            except StorageError:
+                pass
+            else:
+                self._schema_ok = True
+                return
+            raise
         self._schema_ok = True
 
     # -- executing work --------------------------------------------------------------------
@@ -245,8 +282,11 @@ class Runtime:
         with _mapped(work.label), self.engine.connect() as conn:
             if not work.write:
                 conn.execution_options(agent_ledger_read=True)
-            with conn.begin():
-                return self._steps(conn, work)
+            try:
+                with conn.begin():
+                    return self._steps(conn, work)
+            except _NoMatch:
+                return _nothing(work)
 
     @contextlib.contextmanager
     def transaction(self, label: str) -> Iterator[Connection]:
@@ -266,7 +306,8 @@ class Runtime:
         out = _outcome(conn.execute(stmt, params), work.returns)
         if rest and _matched(out, work.returns):
             for stmt, params in rest:
-                conn.execute(stmt, params)
+                if not conn.execute(stmt, params).rowcount and work.all_or_nothing:
+                    raise _NoMatch
         return out
 
     async def ado(self, work: Work) -> Any:
@@ -276,8 +317,11 @@ class Runtime:
             async with self.aengine.connect() as conn:
                 if not work.write:
                     await conn.execution_options(agent_ledger_read=True)
-                async with conn.begin():
-                    return await self._asteps(conn, work)
+                try:
+                    async with conn.begin():
+                        return await self._asteps(conn, work)
+                except _NoMatch:
+                    return _nothing(work)
 
     @staticmethod
     async def _asteps(conn: AsyncConnection, work: Work) -> Any:
@@ -285,7 +329,8 @@ class Runtime:
         out = _outcome(await conn.execute(stmt, params), work.returns)
         if rest and _matched(out, work.returns):
             for stmt, params in rest:
-                await conn.execute(stmt, params)
+                if not (await conn.execute(stmt, params)).rowcount and work.all_or_nothing:
+                    raise _NoMatch
         return out
 
     # -- the drivers -----------------------------------------------------------------------
@@ -320,6 +365,10 @@ class Runtime:
             return self.heartbeats.start(op)
         if isinstance(op, StopBeat):
             self.heartbeats.stop(op.handle)
+            return None
+        if isinstance(op, Notify):
+            for channel in self.channels:
+                self._notified(op.approval, channel, "request", _call_channel(channel, "request", op.approval))
             return None
         raise AssertionError(f"unknown operation {op!r}")  # pragma: no cover
 
@@ -356,6 +405,13 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await op.handle
             return None
+        if isinstance(op, Notify):
+            for channel in self.channels:
+                outcome = _call_channel(channel, "request", op.approval)
+                if asyncio.iscoroutine(outcome.value):
+                    outcome = await _awaited_outcome(outcome.value)
+                await self._anotified(op.approval, channel, "request", outcome)
+            return None
         return self._perform(op)
 
     async def _abeat(self, op: Beat) -> None:
@@ -383,6 +439,51 @@ class Runtime:
                 if self._heartbeats is None:
                     self._heartbeats = _Heartbeats(self)
         return self._heartbeats
+
+    # -- approval channels ---------------------------------------------------------------
+
+    def decided(self, row: Mapping[str, Any]) -> None:
+        """Tell every channel that has a ``decided`` hook about a decision (sync; failures audited)."""
+        for channel in self.channels:
+            if hasattr(channel, "decided"):
+                outcome = _call_channel(channel, "decided", row)
+                if asyncio.iscoroutine(outcome.value):
+                    outcome = asyncio.run(_awaited_outcome(outcome.value))
+                self._notified(row, channel, "decided", outcome)
+
+    def _notice(self, row: Mapping[str, Any], channel: Any, hook: str, outcome: _Outcome) -> list[Work]:
+        name = getattr(channel, "name", type(channel).__name__)
+        works: list[Work] = []
+        detail: dict[str, Any] = {"approval_id": row["id"], "channel": name, "hook": hook}
+        if outcome.error is not None:
+            detail["error"] = outcome.error
+            log.warning("approval channel %s failed on %s of %s: %s", name, hook, row["id"], outcome.error)
+        elif isinstance(outcome.value, Mapping) and outcome.value:
+            state = dict(row["channel_state"] or {})
+            state[name] = dict(outcome.value)
+            works.append(self.store.set_channel_state(row["id"], state))
+        kind = "notification_failed" if outcome.error is not None else "notified"
+        works.append(
+            self.store.event(
+                key=row["key"],
+                workflow_id=row["workflow_id"],
+                tool=row["tool"],
+                kind=kind,
+                attempt=None,
+                owner=self.actor,
+                at=utcnow(),
+                detail=detail,
+            )
+        )
+        return works
+
+    def _notified(self, row: Mapping[str, Any], channel: Any, hook: str, outcome: _Outcome) -> None:
+        for work in self._notice(row, channel, hook, outcome):
+            self.do(work)
+
+    async def _anotified(self, row: Mapping[str, Any], channel: Any, hook: str, outcome: _Outcome) -> None:
+        for work in self._notice(row, channel, hook, outcome):
+            await self.ado(work)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -417,6 +518,32 @@ class Runtime:
         self._heartbeats = None
         self._replays = _ReplayBuffer(self)
         self._lock = threading.Lock()
+        self._schema_lock = threading.Lock()
+
+
+class _Outcome:
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: Any = None, error: str | None = None) -> None:
+        self.value = value
+        self.error = error
+
+
+def _call_channel(channel: Any, hook: str, row: Mapping[str, Any]) -> _Outcome:
+    try:
+        state = (row.get("channel_state") or {}).get(getattr(channel, "name", type(channel).__name__))
+        approval = approval_from_row(row)
+        fn = getattr(channel, hook)
+        return _Outcome(fn(approval) if hook == "request" else fn(approval, state))
+    except Exception as e:
+        return _Outcome(error=f"{type(e).__name__}: {e}")
+
+
+async def _awaited_outcome(value: Any) -> _Outcome:
+    try:
+        return _Outcome(await value)
+    except Exception as e:
+        return _Outcome(error=f"{type(e).__name__}: {e}")
 
 
 class _Heartbeats:

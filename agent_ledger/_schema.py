@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
@@ -30,7 +31,7 @@ from sqlalchemy.types import TypeDecorator
 __all__ = ["DEFAULT_PREFIX", "SCHEMA_REVISION", "Tables", "UTCDateTime", "build_tables", "json_type"]
 
 DEFAULT_PREFIX = "agent_ledger_"
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 """The alembic revision these tables correspond to (a test checks it is the head)."""
 
 
@@ -68,6 +69,7 @@ class Tables:
     metadata: MetaData
     effects: Table
     events: Table
+    approvals: Table
 
 
 def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tables:
@@ -110,4 +112,34 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Index(f"ix_{prefix}events_key", "key", "id"),
         Index(f"ix_{prefix}events_workflow", "workflow_id", "at"),
     )
-    return Tables(md, effects, events)
+    approvals = Table(
+        f"{prefix}approvals",
+        md,
+        Column("id", String(40), primary_key=True),
+        Column("key", String(80), nullable=False),
+        Column("workflow_id", String(255), nullable=False),
+        Column("tool", String(255), nullable=False),
+        Column("payload_hash", String(80), nullable=False),
+        Column("args", json_type(), nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("approvers", json_type(), nullable=True),
+        Column("requested_at", UTCDateTime(), nullable=False),
+        Column("expires_at", UTCDateTime(), nullable=False),
+        Column("decided_at", UTCDateTime(), nullable=True),
+        Column("decided_by", String(255), nullable=True),
+        Column("reason", Text, nullable=True),
+        Column("consumed_at", UTCDateTime(), nullable=True),
+        Column("channel_state", json_type(), nullable=True),
+        Index(f"ix_{prefix}approvals_key", "key", "payload_hash", "requested_at"),
+        Index(f"ix_{prefix}approvals_status", "status", "expires_at"),
+        # At most one open request per payload: concurrent first calls share it.
+        Index(
+            f"ux_{prefix}approvals_pending",
+            "key",
+            "payload_hash",
+            unique=True,
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+    return Tables(md, effects, events, approvals)

@@ -38,6 +38,8 @@ class Work:
     returns: Returns = "rowcount"
     write: bool = True
     label: str = field(default="", compare=False)
+    all_or_nothing: bool = False
+    """Every later step must change a row too, or the whole transaction rolls back (nothing matched)."""
 
 
 def _p(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,6 +185,67 @@ class Store:
             at=b("at", type_=ev.c.at.type),
             detail=b("detail", type_=ev.c.detail.type),
         )
+        ap = tables.approvals
+        self._latest_approval = (
+            select(ap)
+            .where(ap.c.key == b("key"), ap.c.payload_hash == b("payload_hash"))
+            .order_by(ap.c.requested_at.desc())
+            .limit(1)
+        )
+        self._approval = select(ap).where(ap.c.id == b("id"))
+        ap_ins = postgresql.insert(ap) if dialect == "postgresql" else sqlite.insert(ap)
+        self._request_approval = (
+            ap_ins.values(
+                id=b("id"),
+                key=b("key"),
+                workflow_id=b("workflow_id"),
+                tool=b("tool"),
+                payload_hash=b("payload_hash"),
+                args=b("args", type_=ap.c.args.type),
+                status=literal("pending"),
+                approvers=b("approvers", type_=ap.c.approvers.type),
+                requested_at=b("now", type_=ap.c.requested_at.type),
+                expires_at=b("expires_at", type_=ap.c.expires_at.type),
+            )
+            .on_conflict_do_nothing()
+            .returning(ap.c.id)
+        )
+        self._expire_approval = (
+            update(ap)
+            .where(
+                ap.c.id == b("id"),
+                ap.c.status.in_(["pending", "approved"]),
+                ap.c.expires_at <= b("now", type_=ap.c.expires_at.type),
+            )
+            .values(status="expired")
+        )
+        self._consume_approval = (
+            update(ap)
+            .where(
+                ap.c.id == b("id"),
+                ap.c.status == "approved",
+                ap.c.payload_hash == b("payload_hash"),
+                ap.c.expires_at > b("now", type_=ap.c.expires_at.type),
+            )
+            .values(status="consumed", consumed_at=b("now", type_=ap.c.consumed_at.type))
+        )
+        self._decide_approval = (
+            update(ap)
+            .where(
+                ap.c.id == b("id"),
+                ap.c.status == "pending",
+                ap.c.expires_at > b("now", type_=ap.c.expires_at.type),
+            )
+            .values(
+                status=b("status"),
+                decided_at=b("now", type_=ap.c.decided_at.type),
+                decided_by=b("by"),
+                reason=b("reason"),
+            )
+        )
+        self._set_channel_state = (
+            update(ap).where(ap.c.id == b("id")).values(channel_state=b("state", type_=ap.c.channel_state.type))
+        )
         self._events_for_workflow = select(ev).where(ev.c.workflow_id == b("workflow_id")).order_by(ev.c.id)
         self._events_for_key = select(ev).where(ev.c.key == b("key")).order_by(ev.c.id)
         self._effects_for_workflow = (
@@ -229,6 +292,132 @@ class Store:
         if self.dialect == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
         return Work(((stmt, _p({"now": now, "host_prefix": host_prefix})),), "rows", True, "recover")
+
+    # -- approvals -------------------------------------------------------------------------
+
+    def latest_approval(self, key: str, payload_hash: str) -> Work:
+        """The newest approval request for exactly this key and payload (or None)."""
+        params = _p({"key": key, "payload_hash": payload_hash})
+        return Work(((self._latest_approval, params),), "row", False, "approval")
+
+    def approval(self, approval_id: str) -> Work:
+        """One approval by id (or None)."""
+        return Work(((self._approval, _p({"id": approval_id})),), "row", False, "approval")
+
+    def approvals(self, *, status: str | None, workflow_id: str | None, tool: str | None, now: datetime | None) -> Work:
+        """Approvals filtered by status / workflow / tool (pending ones still open at ``now``)."""
+        ap = self.tables.approvals
+        stmt = select(ap).order_by(ap.c.requested_at)
+        if status is not None:
+            stmt = stmt.where(ap.c.status == status)
+        if workflow_id is not None:
+            stmt = stmt.where(ap.c.workflow_id == workflow_id)
+        if tool is not None:
+            stmt = stmt.where(ap.c.tool == tool)
+        if now is not None:
+            stmt = stmt.where(ap.c.expires_at > now)
+        return Work(((stmt, {}),), "rows", False, "approvals")
+
+    def request_approval(
+        self,
+        *,
+        approval_id: str,
+        key: str,
+        workflow_id: str,
+        tool: str,
+        payload_hash: str,
+        args: Any,
+        approvers: list[str] | None,
+        now: datetime,
+        expires_at: datetime,
+        actor: str,
+    ) -> Work:
+        """Open a request for this payload; returns a row unless one is already pending for it."""
+        params = {
+            "id": approval_id,
+            "key": key,
+            "workflow_id": workflow_id,
+            "tool": tool,
+            "payload_hash": payload_hash,
+            "args": args,
+            "approvers": approvers,
+            "now": now,
+            "expires_at": expires_at,
+        }
+        audit = self._event_params(
+            key,
+            workflow_id,
+            tool,
+            "approval_requested",
+            None,
+            actor,
+            now,
+            {"approval_id": approval_id, "payload_hash": payload_hash, "expires_at": expires_at.isoformat()},
+        )
+        return Work(((self._request_approval, _p(params)), (self._event, _p(audit))), "row", label="approval")
+
+    def expire_approval(self, row: Mapping[str, Any], *, now: datetime, actor: str) -> Work:
+        """Mark an approval whose time ran out (pending, or approved but unused) as expired."""
+        audit = self._event_params(
+            row["key"],
+            row["workflow_id"],
+            row["tool"],
+            "approval_expired",
+            None,
+            actor,
+            now,
+            {"approval_id": row["id"], "was": row["status"], "expires_at": row["expires_at"].isoformat()},
+        )
+        return Work(
+            ((self._expire_approval, _p({"id": row["id"], "now": now})), (self._event, _p(audit))),
+            label="approval",
+        )
+
+    def decide_approval(
+        self, row: Mapping[str, Any], *, status: str, by: str, reason: str | None, now: datetime
+    ) -> Work:
+        """First decision wins: pending and unexpired -> approved/rejected, with its audit row."""
+        params = {"id": row["id"], "status": status, "by": by, "reason": reason, "now": now}
+        audit = self._event_params(
+            row["key"],
+            row["workflow_id"],
+            row["tool"],
+            status,
+            None,
+            by,
+            now,
+            {"approval_id": row["id"], "payload_hash": row["payload_hash"], "reason": reason},
+        )
+        return Work(((self._decide_approval, _p(params)), (self._event, _p(audit))), label="approval")
+
+    def set_channel_state(self, approval_id: str, state: Mapping[str, Any]) -> Work:
+        """Remember where channels posted a request (e.g. a Slack message), to update it later."""
+        return Work(((self._set_channel_state, _p({"id": approval_id, "state": dict(state)})),), label="approval")
+
+    def consuming(
+        self,
+        work: Work,
+        *,
+        approval_id: str,
+        payload_hash: str,
+        now: datetime,
+        actor: str,
+        plan_event: Mapping[str, Any],
+    ) -> Work:
+        """``work`` (a claim) that also uses up the approval, atomically: both happen or neither does."""
+        consume = _p({"id": approval_id, "payload_hash": payload_hash, "now": now})
+        audit = self._event_params(
+            plan_event["key"],
+            plan_event["workflow_id"],
+            plan_event["tool"],
+            "approval_consumed",
+            plan_event.get("attempt"),
+            actor,
+            now,
+            {"approval_id": approval_id, "payload_hash": payload_hash},
+        )
+        steps = (*work.steps, (self._consume_approval, consume), (self._event, _p(audit)))
+        return Work(steps, work.returns, work.write, work.label, all_or_nothing=True)
 
     # -- state changes ---------------------------------------------------------------------
 

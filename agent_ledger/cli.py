@@ -61,6 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     _url_option(show)
 
+    appr = sub.add_parser("approvals", help="list, approve and reject approval requests")
+    asub = appr.add_subparsers(dest="action", required=True)
+    alist = asub.add_parser("list", help="pending approval requests")
+    alist.add_argument("--workflow", help="only this workflow")
+    alist.add_argument("--tool", help="only this tool")
+    alist.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _url_option(alist)
+    for action in ("approve", "reject"):
+        ap = asub.add_parser(action, help=f"{action} a pending request (the first decision wins)")
+        ap.add_argument("approval_id")
+        ap.add_argument("--by", required=True, help="who decides (audited; checked against the tool's approvers)")
+        ap.add_argument("--reason", required=action == "reject", help="why (audited; shown to the agent)")
+        _url_option(ap)
+
     rec = sub.add_parser("recover", help="settle effects whose worker died (expired leases) as unknown")
     rec.add_argument("--batch-size", type=int, default=100, help="rows locked per transaction (default: 100)")
     rec.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -130,6 +144,31 @@ def _resolve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _approvals(ns: argparse.Namespace) -> int:
+    with _ledger(ns) as ledger:
+        if ns.action == "list":
+            pending = ledger.pending_approvals(workflow_id=ns.workflow, tool=ns.tool)
+            if ns.json:
+                _print_json([a.model_dump(mode="json") for a in pending])
+                return 0
+            if not pending:
+                print("no pending approval requests")
+                return 0
+            print(f"{'approval id':<37} {'tool':<24} {'workflow':<20} {'expires':<25} args")
+            for a in pending:
+                print(
+                    f"{a.approval_id:<37} {a.tool:<24} {a.workflow_id:<20} "
+                    f"{a.expires_at.isoformat(timespec='seconds'):<25} {json.dumps(a.args)}"
+                )
+            return 0
+        if ns.action == "approve":
+            decided = ledger.approve(ns.approval_id, by=ns.by, reason=ns.reason)
+        else:
+            decided = ledger.reject(ns.approval_id, by=ns.by, reason=ns.reason)
+    print(f"{decided.approval_id}: {decided.status.value} by {decided.decided_by}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agent-ledger`` command; returns the exit code."""
     ns = _parser().parse_args(argv)
@@ -152,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _show(ns)
         if ns.command == "resolve":
             return _resolve(ns)
+        if ns.command == "approvals":
+            return _approvals(ns)
         if ns.command == "recover":
             with _ledger(ns) as ledger:
                 report = ledger.recover(batch_size=ns.batch_size)

@@ -11,6 +11,10 @@
     ├── RecordedError          the key failed before and its policy replays the failure
     ├── InProgress             another worker holds the key and did not finish within ``wait``
     ├── OutcomeUnknown         a worker died mid-call: the side effect may or may not have happened
+    ├── ApprovalPending        the call waits for a human decision (``approval_id``)
+    ├── ApprovalRejected       a human rejected exactly this call
+    ├── ApprovalMismatch       the arguments changed after they were approved
+    ├── ApprovalRefused        a decision that cannot be taken (late, expired, unlisted approver)
     ├── IllegalTransition      a state change the effect state machine does not allow
     └── StorageError           the database failed or is unreachable
         └── SchemaMissing      the ledger's tables are missing or out of date
@@ -25,6 +29,10 @@ from datetime import datetime
 from typing import Any
 
 __all__ = [
+    "ApprovalMismatch",
+    "ApprovalPending",
+    "ApprovalRefused",
+    "ApprovalRejected",
     "ConfigurationError",
     "IllegalTransition",
     "InProgress",
@@ -180,6 +188,69 @@ class OutcomeUnknown(LedgerError):
         self.tool_args = args  # not ``args``: that is Exception's own tuple of constructor arguments
         self.owner = owner
         self.attempt = attempt
+
+
+class ApprovalPending(LedgerError):
+    """The call needs a human approval that has not been given yet.
+
+    ``approval_id`` names the request (approve it with ``ledger.approve(approval_id, by=...)``, the CLI or a
+    channel); ``key``, ``tool`` and ``args`` say exactly what is waiting. Call again with the same
+    arguments once it is approved: the call then runs once.
+    """
+
+    def __init__(self, approval_id: str, key: str, tool: str, args: Any, expires_at: datetime) -> None:
+        super().__init__(
+            f"tool {tool!r} needs human approval before it runs with these exact arguments: {args!r}. "
+            f"Approval {approval_id} is pending until {expires_at.isoformat()}. Do not change the arguments "
+            f"(that would need a new approval); call again once it is approved."
+        )
+        self.approval_id = approval_id
+        self.key = key
+        self.tool = tool
+        self.tool_args = args
+        self.expires_at = expires_at
+
+
+class ApprovalRejected(LedgerError):
+    """A human rejected this exact call. ``by`` is who, ``reason`` why."""
+
+    def __init__(self, approval_id: str, key: str, tool: str, args: Any, by: str | None, reason: str | None) -> None:
+        super().__init__(
+            f"The call to {tool!r} with arguments {args!r} was rejected by {by or 'an approver'}"
+            f"{': ' + reason if reason else ' (no reason given)'}. It was not executed. Do not retry it with "
+            f"the same arguments; tell the user and ask how to proceed. (approval {approval_id})"
+        )
+        self.approval_id = approval_id
+        self.key = key
+        self.tool = tool
+        self.tool_args = args
+        self.by = by
+        self.reason = reason
+
+
+class ApprovalMismatch(LedgerError):
+    """The arguments handed to the handler no longer hash to the approved payload; nothing ran."""
+
+    def __init__(self, approval_id: str, key: str, tool: str, approved_hash: str, actual_hash: str) -> None:
+        super().__init__(
+            f"tool {tool!r} (key {key}): the arguments changed after approval {approval_id} was given "
+            f"(approved payload {approved_hash[:15]}…, about to run {actual_hash[:15]}…). The handler was not "
+            f"run and the approval is used up; call again to request approval for the new arguments."
+        )
+        self.approval_id = approval_id
+        self.key = key
+        self.tool = tool
+        self.approved_hash = approved_hash
+        self.actual_hash = actual_hash
+
+
+class ApprovalRefused(LedgerError):
+    """A decision that cannot be taken: unknown id, already decided, expired, or an unlisted approver."""
+
+    def __init__(self, approval_id: str, why: str) -> None:
+        super().__init__(f"approval {approval_id}: {why}")
+        self.approval_id = approval_id
+        self.why = why
 
 
 class IllegalTransition(LedgerError):

@@ -51,4 +51,6 @@ if [ "$(id -u)" -eq 0 ] && ! id -u postgres >/dev/null 2>&1; then
     useradd --system --user-group --no-create-home --shell /usr/sbin/nologin postgres
 fi
 
-exec python -m pytest "$@"
+# The interpreter that has the package installed: python in a venv, else python3.
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+exec "$PYTHON" -m pytest "$@"

@@ -151,3 +151,40 @@ def sweeper(url: str, barrier: Any, results: Any) -> None:
     report = ledger.recover(batch_size=5)
     results.put((os.getpid(), report.marked_unknown))
     ledger.close()
+
+
+def decide_approval(url: str, approval_id: str, decision: str, who: str, barrier: Any, results: Any) -> None:
+    """One of several processes deciding the same approval at the same moment."""
+    from agent_ledger import ApprovalRefused
+
+    ledger = Ledger(url)
+    ledger._rt.ensure_schema()
+    barrier.wait(timeout=60)
+    try:
+        if decision == "approve":
+            ledger.approve(approval_id, by=who)
+        else:
+            ledger.reject(approval_id, by=who, reason=f"{who} says no")
+        results.put((who, decision, "won"))
+    except ApprovalRefused as e:
+        results.put((who, decision, e.why))
+    ledger.close()
+
+
+def approval_call(url: str, log: str, amount: int, results: Any) -> None:
+    """Call an approval-gated charge once; report ApprovalPending's id or the result."""
+    from agent_ledger import ApprovalPending
+
+    ledger = Ledger(url)
+
+    @ledger.tool("stripe.charge", requires_approval=True, approvers={"alice"})
+    def charge(customer: str, amount: int) -> dict[str, Any]:
+        log_line(log, f"charge {amount} {os.getpid()}")
+        return {"charged": amount}
+
+    with ledger.workflow("order-456"):
+        try:
+            results.put(("ok", charge("cus_123", amount)))
+        except ApprovalPending as e:
+            results.put(("pending", e.approval_id))
+    ledger.close()

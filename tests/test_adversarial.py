@@ -164,6 +164,7 @@ def test_frozen_owner_is_fenced_off_after_takeover(db_url: str, ledger: Ledger, 
     (rec,) = ledger.history("frozen")
     late = [e for e in rec.events if e.kind == "late_completion"]
     assert len(late) == 1 and late[0].attempt == 1 and late[0].owner and f":{p.pid}:" in late[0].owner
+    assert late[0].detail and late[0].detail["result"] == f"by {p.pid}"  # the fenced result is kept in the audit
     if policy == "retry":
         assert rec.status is Status.SUCCEEDED and rec.result == "by parent" and rec.attempts == 2
         assert [x.split()[0] for x in read_lines(log)].count("start") == 2  # at-least-once, by opt-in

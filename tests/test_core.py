@@ -304,6 +304,10 @@ def test_failure_is_recorded_and_retried_by_default(ledger: Ledger) -> None:
     assert rec.status is Status.SUCCEEDED and rec.error is None and rec.attempts == 3
     outcomes = [(e.kind, e.attempt) for e in rec.events if e.kind in ("failed", "succeeded", "retry")]
     assert outcomes == [("failed", 1), ("retry", 2), ("failed", 2), ("retry", 3), ("succeeded", 3)]
+    failures = [e.detail["error"] for e in rec.events if e.kind == "failed" and e.detail]
+    assert failures == [
+        {"type": "builtins.ConnectionError", "message": f"downstream down (attempt {n})"} for n in (1, 2)
+    ]
 
 
 class Declined(Exception):

@@ -153,3 +153,17 @@ def test_every_state_is_reachable_from_new() -> None:
                 seen.add(nxt)
                 frontier.append(nxt)
     assert seen == {None, *Status}
+
+
+def test_the_documented_state_diagram_is_the_transition_table() -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guarantees.md").read_text()
+    diagram = text.split("stateDiagram-v2", 1)[1].split("```", 1)[0]
+    drawn = set()
+    for src, dst, label in re.findall(r"^\s*(\S+) --> (\S+): (.+)$", diagram, re.M):
+        for event in re.sub(r"\(.*\)", "", label).split("/"):
+            drawn.add((None if src == "[*]" else src, event.strip(), dst))
+    table = {(s.value if s else None, e, n.value) for s, moves in TRANSITIONS.items() for e, n in moves.items()}
+    assert drawn == table

@@ -1,0 +1,54 @@
+"""Approval channels: where approval requests are announced and decisions come back.
+
+A channel is any object with ``request(approval)`` (called once when a request is opened; it may return
+a small JSON mapping to remember, such as a chat message id) and optionally ``decided(approval, state)``
+(called after the first decision, with that mapping). Either may be a coroutine function. A channel
+that raises never loses the request: the failure is audited and the approval can still be decided from
+the Python API or the CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from .._models import Approval
+
+__all__ = ["CallbackChannel", "Channel"]
+
+
+@runtime_checkable
+class Channel(Protocol):
+    """Announces approval requests (and, optionally, their decisions)."""
+
+    def request(self, approval: Approval) -> Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None:
+        """Announce a new request; return what to remember for ``decided`` (or None)."""
+        ...
+
+
+class CallbackChannel:
+    """Calls your function with each new request (and another one with each decision, if given)."""
+
+    def __init__(
+        self,
+        on_request: Callable[[Approval], Any],
+        on_decided: Callable[[Approval], Any] | None = None,
+        *,
+        name: str = "callback",
+    ) -> None:
+        if not callable(on_request):
+            raise TypeError(f"on_request must be callable, not {on_request!r}")
+        self.on_request = on_request
+        self.on_decided = on_decided
+        self.name = name
+
+    def request(self, approval: Approval) -> Any:
+        """Pass the request to ``on_request``."""
+        self.on_request(approval)
+        return None
+
+    def decided(self, approval: Approval, state: Mapping[str, Any] | None) -> Any:
+        """Pass the decided approval to ``on_decided`` (if any)."""
+        if self.on_decided is not None:
+            self.on_decided(approval)
+        return None
