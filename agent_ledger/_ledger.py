@@ -615,7 +615,7 @@ class Ledger:
         """Reject a pending request; calls with its payload then raise ``ApprovalRejected`` with ``reason``."""
         return self._decide(approval_id, "rejected", by, reason)
 
-    def _decide(self, approval_id: str, status: str, by: str, reason: str | None) -> Approval:
+    def _decide(self, approval_id: str, status: str, by: str, reason: str | None, *, notify: bool = True) -> Approval:
         if not isinstance(by, str) or not by:
             raise InvalidArguments("a decision needs by='<who decided>' for the audit trail")
         store = self._rt.store
@@ -649,8 +649,26 @@ class Ledger:
                 raise refuse(f"it expired at {current['expires_at'].isoformat()}")
             raise refuse(f"it is already {current['status']} (by {current['decided_by'] or 'nobody'})")
         decided = self._rt.do(store.approval(approval_id))
-        self._rt.decided(decided)
+        if notify:
+            self._rt.decided(decided)
         return approval_from_row(decided)
+
+    def _announce_decision(self, approval_id: str) -> None:
+        """Run the channels' ``decided`` hooks (after an inbound decision has been answered)."""
+        row = self._rt.do(self._rt.store.approval(approval_id))
+        if row is not None:
+            self._rt.decided(row)
+
+    def approvals_app(self, *, slack_signing_secret: str | None = None, webhook_secret: str | None = None) -> Any:
+        """An ASGI app receiving decisions: ``POST /slack/interactions`` and ``POST /webhooks/decisions``.
+
+        Mount it in FastAPI or Starlette (``app.mount("/approvals", ledger.approvals_app(...))``) or run
+        it with any ASGI server. Each endpoint verifies its signature over the raw body before parsing;
+        an endpoint whose secret is not given answers 404.
+        """
+        from .approvals._inbound import ApprovalsApp
+
+        return ApprovalsApp(self, slack_signing_secret=slack_signing_secret, webhook_secret=webhook_secret)
 
     # -- recovery --------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import inspect
 import logging
 import os
 import threading
@@ -212,6 +213,7 @@ class Runtime:
             select(t.effects).where(t.effects.c.key.is_(None)).limit(1),
             select(t.events).limit(0),
             select(t.approvals).limit(0),
+            select(t.inbound).limit(0),
         ]
 
     def ensure_schema(self) -> None:
@@ -407,9 +409,12 @@ class Runtime:
             return None
         if isinstance(op, Notify):
             for channel in self.channels:
-                outcome = _call_channel(channel, "request", op.approval)
-                if asyncio.iscoroutine(outcome.value):
-                    outcome = await _awaited_outcome(outcome.value)
+                if inspect.iscoroutinefunction(getattr(channel, "request", None)):
+                    outcome = _call_channel(channel, "request", op.approval)
+                    if asyncio.iscoroutine(outcome.value):
+                        outcome = await _awaited_outcome(outcome.value)
+                else:  # a blocking channel (HTTP) must not stall the event loop
+                    outcome = await asyncio.to_thread(_call_channel, channel, "request", op.approval)
                 await self._anotified(op.approval, channel, "request", outcome)
             return None
         return self._perform(op)

@@ -31,7 +31,7 @@ from sqlalchemy.types import TypeDecorator
 __all__ = ["DEFAULT_PREFIX", "SCHEMA_REVISION", "Tables", "UTCDateTime", "build_tables", "json_type"]
 
 DEFAULT_PREFIX = "agent_ledger_"
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 """The alembic revision these tables correspond to (a test checks it is the head)."""
 
 
@@ -70,6 +70,7 @@ class Tables:
     effects: Table
     events: Table
     approvals: Table
+    inbound: Table
 
 
 def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tables:
@@ -142,4 +143,12 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
             postgresql_where=text("status = 'pending'"),
         ),
     )
-    return Tables(md, effects, events, approvals)
+    inbound = Table(
+        f"{prefix}inbound",
+        md,
+        # Message ids of signed inbound decisions already processed: a replayed id is refused.
+        Column("message_id", String(255), primary_key=True),
+        Column("source", String(32), nullable=False),
+        Column("received_at", UTCDateTime(), nullable=False),
+    )
+    return Tables(md, effects, events, approvals, inbound)

@@ -419,6 +419,17 @@ class Store:
         steps = (*work.steps, (self._consume_approval, consume), (self._event, _p(audit)))
         return Work(steps, work.returns, work.write, work.label, all_or_nothing=True)
 
+    def remember_inbound(self, *, message_id: str, source: str, now: datetime) -> Work:
+        """Record a signed inbound message id; returns a row only the first time that id is seen."""
+        ib = self.tables.inbound
+        ins = postgresql.insert(ib) if self.dialect == "postgresql" else sqlite.insert(ib)
+        stmt = (
+            ins.values(message_id=message_id, source=source, received_at=now)
+            .on_conflict_do_nothing()
+            .returning(ib.c.message_id)
+        )
+        return Work(((stmt, {}),), "row", True, "inbound")
+
     # -- state changes ---------------------------------------------------------------------
 
     def claim_new(

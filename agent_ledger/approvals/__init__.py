@@ -13,8 +13,25 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from .._models import Approval
+from ._inbound import ApprovalsApp, InboundResponse, handle_slack, handle_webhook
+from ._slack import SlackChannel, SlackError, sign_slack, verify_slack
+from ._webhook import WebhookChannel, WebhookDeliveryError, signed_headers
 
-__all__ = ["CallbackChannel", "Channel"]
+__all__ = [
+    "ApprovalsApp",
+    "CallbackChannel",
+    "Channel",
+    "InboundResponse",
+    "SlackChannel",
+    "SlackError",
+    "WebhookChannel",
+    "WebhookDeliveryError",
+    "handle_slack",
+    "handle_webhook",
+    "sign_slack",
+    "signed_headers",
+    "verify_slack",
+]
 
 
 @runtime_checkable

@@ -1,0 +1,212 @@
+"""Slack: approval requests as Block Kit messages with Approve/Reject buttons, and request signing."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from .._models import Approval, ApprovalStatus
+
+__all__ = ["APPROVE_ACTION", "REJECT_ACTION", "SlackChannel", "SlackError", "sign_slack", "verify_slack"]
+
+APPROVE_ACTION = "agent_ledger_approve"
+REJECT_ACTION = "agent_ledger_reject"
+SLACK_TOLERANCE = 300  # seconds: Slack's documented replay window
+_ARGS_LIMIT = 2800  # a section's text holds 3000 characters
+
+
+class SlackError(Exception):
+    """Slack's Web API answered with ``ok: false`` (or not at all)."""
+
+
+def sign_slack(signing_secret: str, timestamp: str, body: bytes) -> str:
+    """``v0=`` + hex HMAC-SHA256 of ``v0:{timestamp}:{body}`` with the signing secret."""
+    base = b"v0:" + timestamp.encode() + b":" + body
+    return "v0=" + hmac.new(signing_secret.encode(), base, hashlib.sha256).hexdigest()
+
+
+def verify_slack(
+    signing_secret: str, headers: Mapping[str, str], body: bytes, *, now: float | None = None
+) -> str | None:
+    """Check ``X-Slack-Signature`` over the raw body; return None if genuine, else why not.
+
+    Refuses a missing or non-numeric timestamp, one more than five minutes from ``now`` (replays), and
+    any signature that does not match (compared in constant time). Call it before parsing the body.
+    """
+    lower = {k.lower(): v for k, v in headers.items()}
+    timestamp = lower.get("x-slack-request-timestamp")
+    signature = lower.get("x-slack-signature")
+    if not timestamp or not signature:
+        return "missing X-Slack-Request-Timestamp or X-Slack-Signature"
+    try:
+        sent = int(timestamp)
+    except ValueError:
+        return f"X-Slack-Request-Timestamp {timestamp!r} is not a Unix time"
+    if abs((time.time() if now is None else now) - sent) > SLACK_TOLERANCE:
+        return "stale X-Slack-Request-Timestamp (more than 5 minutes off): possible replay"
+    if not hmac.compare_digest(sign_slack(signing_secret, timestamp, body), signature):
+        return "X-Slack-Signature does not match the body"
+    return None
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _mention(who: str | None) -> str:
+    if who and who[:1] in ("U", "W") and who.isalnum():
+        return f"<@{who}>"
+    return _escape(who or "someone")
+
+
+def request_blocks(approval: Approval, *, buttons: bool = True) -> list[dict[str, Any]]:
+    """The Block Kit message of a request: tool, workflow, the exact args, hash prefix, buttons."""
+    args = json.dumps(approval.args, indent=2, sort_keys=True, ensure_ascii=False)
+    shown = _escape(args)
+    note = ""
+    if len(shown) > _ARGS_LIMIT:
+        shown = shown[:_ARGS_LIMIT]
+        note = "\n_(arguments truncated here; see `agent-ledger approvals list` for all of them)_"
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": f"Approval needed: {approval.tool}"[:150]}},
+        {
+            "type": "section",
+            "fields": [
+                {"type": "mrkdwn", "text": f"*Workflow*\n`{_escape(approval.workflow_id)}`"},
+                {"type": "mrkdwn", "text": f"*Expires*\n{approval.expires_at.isoformat(timespec='seconds')}"},
+            ],
+        },
+        {
+            "type": "section",
+            "text": {"type": "mrkdwn", "text": f"*Arguments, exactly as they will run*\n```{shown}```{note}"},
+        },
+        {
+            "type": "context",
+            "elements": [
+                {
+                    "type": "mrkdwn",
+                    "text": f"payload `{approval.payload_hash[:15]}` · approval `{approval.approval_id}`",
+                }
+            ],
+        },
+    ]
+    if buttons:
+        blocks.append(
+            {
+                "type": "actions",
+                "block_id": "agent_ledger_decision",
+                "elements": [
+                    {
+                        "type": "button",
+                        "action_id": APPROVE_ACTION,
+                        "style": "primary",
+                        "text": {"type": "plain_text", "text": "Approve"},
+                        "value": approval.approval_id,
+                    },
+                    {
+                        "type": "button",
+                        "action_id": REJECT_ACTION,
+                        "style": "danger",
+                        "text": {"type": "plain_text", "text": "Reject"},
+                        "value": approval.approval_id,
+                    },
+                ],
+            }
+        )
+    return blocks
+
+
+def decided_blocks(approval: Approval) -> list[dict[str, Any]]:
+    """The message after the decision: the same request without buttons, saying who decided."""
+    verb = {ApprovalStatus.APPROVED: "Approved", ApprovalStatus.REJECTED: "Rejected"}.get(
+        approval.status, approval.status.value.capitalize()
+    )
+    when = approval.decided_at.isoformat(timespec="seconds") if approval.decided_at else ""
+    reason = f": {_escape(approval.reason)}" if approval.reason else ""
+    return [
+        *request_blocks(approval, buttons=False),
+        {
+            "type": "section",
+            "text": {"type": "mrkdwn", "text": f"*{verb}* by {_mention(approval.decided_by)} {when}{reason}"},
+        },
+    ]
+
+
+class SlackChannel:
+    """Posts each approval request to a Slack channel through ``chat.postMessage``.
+
+    Needs a bot token with the ``chat:write`` scope. Buttons carry the approval id, never the arguments.
+    After the decision the message is updated (``chat.update``) to say who decided, without buttons.
+    Decisions come back through ``ledger.approvals_app(slack_signing_secret=...)``.
+    """
+
+    name = "slack"
+
+    def __init__(
+        self,
+        token: str,
+        channel: str,
+        *,
+        api_url: str = "https://slack.com/api/",
+        timeout: float = 5.0,
+        client: httpx.Client | None = None,
+    ) -> None:
+        if not token or not channel:
+            raise ValueError("SlackChannel needs a bot token and a channel id")
+        self.token = token
+        self.channel = channel
+        self.api_url = api_url if api_url.endswith("/") else api_url + "/"
+        self.timeout = timeout
+        self._client = client
+
+    def _call(self, method: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        client = self._client or httpx.Client(timeout=self.timeout)
+        try:
+            response = client.post(
+                self.api_url + method,
+                json=dict(payload),
+                headers={"Authorization": f"Bearer {self.token}"},
+            )
+        finally:
+            if self._client is None:
+                client.close()
+        try:
+            data = response.json()
+        except ValueError as e:
+            raise SlackError(f"{method}: HTTP {response.status_code}, not JSON") from e
+        if response.status_code >= 400 or not data.get("ok"):
+            raise SlackError(f"{method}: {data.get('error') or f'HTTP {response.status_code}'}")
+        return dict(data)
+
+    def request(self, approval: Approval) -> dict[str, Any]:
+        """Post the request; returns the message's ``channel`` and ``ts`` so it can be updated later."""
+        data = self._call(
+            "chat.postMessage",
+            {
+                "channel": self.channel,
+                "text": f"Approval needed: {approval.tool} in workflow {approval.workflow_id}",
+                "blocks": request_blocks(approval),
+            },
+        )
+        return {"channel": data["channel"], "ts": data["ts"]}
+
+    def decided(self, approval: Approval, state: Mapping[str, Any] | None) -> None:
+        """Replace the buttons with who decided (needs the ``channel``/``ts`` kept from ``request``)."""
+        if not state or "ts" not in state:
+            return
+        verb = approval.status.value
+        self._call(
+            "chat.update",
+            {
+                "channel": state["channel"],
+                "ts": state["ts"],
+                "text": f"{approval.tool}: {verb} by {approval.decided_by}",
+                "blocks": decided_blocks(approval),
+            },
+        )
