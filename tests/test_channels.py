@@ -254,7 +254,7 @@ def test_webhook_out_is_signed_and_retried(make_ledger: Callable[..., Ledger]) -
             ledger.run(CHARGE, handler=lambda amount, customer: 1, requires_approval=True)
         assert [status for _id, status in hook.deliveries] == [503, 503, 204]
         assert {mid for mid, _ in hook.deliveries} == {f"{info.value.approval_id}.requested"}
-        path, headers, body = receiver.requests[-1]
+        _path, headers, body = receiver.requests[-1]
         data = Webhook(WEBHOOK_SECRET).verify(body, headers)  # the receiver's own check
         assert data["type"] == "approval.requested"
         assert data["approval"]["approval_id"] == info.value.approval_id
