@@ -37,6 +37,7 @@ from .errors import (
     RecordedError,
     ResultNotReplayable,
     SchemaMissing,
+    StepDivergence,
     StorageError,
 )
 
@@ -70,6 +71,7 @@ __all__ = [
     "ResultNotReplayable",
     "SchemaMissing",
     "Status",
+    "StepDivergence",
     "StorageError",
     "Tool",
     "ToolCall",

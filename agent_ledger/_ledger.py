@@ -8,12 +8,13 @@ import dataclasses
 import functools
 import inspect
 import os
+import sys
 import typing
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypedDict, TypeVar, overload
+from typing import Any, Literal, ParamSpec, Protocol, TypedDict, TypeVar, overload
 
 from pydantic import TypeAdapter
 from typing_extensions import Unpack
@@ -46,10 +47,20 @@ from ._models import (
 from ._runtime import Runtime
 from ._schema import DEFAULT_PREFIX, build_tables
 from ._store import row_from_mapping
-from .errors import ApprovalRefused, ConfigurationError, IllegalTransition, InvalidArguments, LedgerError, NoWorkflow
+from .errors import (
+    ApprovalRefused,
+    ConfigurationError,
+    IllegalTransition,
+    InvalidArguments,
+    LedgerError,
+    NoWorkflow,
+    PayloadMismatch,
+    StepDivergence,
+)
 
 __all__ = ["Ledger", "Tool", "Workflow", "current_workflow"]
 
+P = ParamSpec("P")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 
@@ -75,7 +86,16 @@ DEFAULT_LEASE = 30.0
 DEFAULT_WAIT = 30.0
 DEFAULT_APPROVAL_TTL = 24 * 3600.0
 
-_workflow: contextvars.ContextVar[str | None] = contextvars.ContextVar("agent_ledger_workflow", default=None)
+
+@dataclass
+class _WorkflowState:
+    """The current workflow: its id and the position of the next recorded step in this run."""
+
+    workflow_id: str
+    next_step: int = 0
+
+
+_workflow: contextvars.ContextVar[_WorkflowState | None] = contextvars.ContextVar("agent_ledger_workflow", default=None)
 _UNSET: Any = object()
 
 OnError = Literal["retry", "replay"]
@@ -84,7 +104,8 @@ OnCrash = Literal["unknown", "retry"]
 
 def current_workflow() -> str | None:
     """The workflow id set by the innermost ``ledger.workflow(...)`` in this context, if any."""
-    return _workflow.get()
+    state = _workflow.get()
+    return state.workflow_id if state is not None else None
 
 
 class Workflow:
@@ -99,10 +120,11 @@ class Workflow:
                 f"workflow id must be a non-empty string of at most 255 characters, not {workflow_id!r}"
             )
         self.workflow_id = workflow_id
-        self._tokens: list[contextvars.Token[str | None]] = []
+        self._tokens: list[contextvars.Token[_WorkflowState | None]] = []
 
     def __enter__(self) -> Workflow:
-        self._tokens.append(_workflow.set(self.workflow_id))
+        # Each entry starts counting recorded steps from 0: a re-run after a crash lines up with the first.
+        self._tokens.append(_workflow.set(_WorkflowState(self.workflow_id)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -243,6 +265,12 @@ class _Options:
             approval=approval,
             result_type=options.get("result_type", _UNSET),
         )
+
+
+STEP_TOOL = "agent_ledger.step"
+# Steps key on their position only (the name is checked as the payload); a model call has no side
+# effect to protect, so a crashed step is simply asked again.
+_STEP_OPTIONS = _Options.build({"key": ["position"], "on_crash": "retry"})
 
 
 def _wants_effect(fn: Callable[..., Any]) -> bool:
@@ -417,14 +445,20 @@ class Ledger:
 
     @overload
     def run(
-        self, call: ToolCall, handler: Callable[..., Coroutine[Any, Any, R]], **options: Unpack[CallOptions]
+        self, call: ToolCall | Any, handler: Callable[..., Coroutine[Any, Any, R]], **options: Unpack[CallOptions]
     ) -> Coroutine[Any, Any, R]: ...
 
     @overload
-    def run(self, call: ToolCall, handler: Callable[..., R], **options: Unpack[CallOptions]) -> R: ...
+    def run(self, call: ToolCall | Any, handler: Callable[..., R], **options: Unpack[CallOptions]) -> R: ...
 
-    def run(self, call: ToolCall, handler: Callable[..., Any], **options: Unpack[CallOptions]) -> Any:
+    def run(self, call: ToolCall | Any, handler: Callable[..., Any], **options: Unpack[CallOptions]) -> Any:
         """Run ``handler(**call.args)`` once for this call's key; replay the recorded outcome after that.
+
+        ``call`` is a ``ToolCall``, or an SDK's own tool-call object (an OpenAI chat tool call or
+        Responses ``function_call`` item, an Anthropic ``tool_use`` block, a LangChain tool-call dict)
+        inside ``ledger.workflow(...)``: its arguments are parsed and validated against the handler's
+        annotations (``InvalidArguments`` otherwise, before anything runs) and its per-attempt id is
+        ignored for the key.
 
         A sync handler returns the result; an async handler makes this return an awaitable. The handler
         also receives the ``Effect`` if it declares a parameter named ``effect``. On a replay the stored
@@ -436,17 +470,17 @@ class Ledger:
             return self._rt.run_async(execute(plan))
         return self._rt.run_sync(execute(plan))
 
-    async def arun(self, call: ToolCall, handler: Callable[..., Any], **options: Unpack[CallOptions]) -> Any:
+    async def arun(self, call: ToolCall | Any, handler: Callable[..., Any], **options: Unpack[CallOptions]) -> Any:
         """``run`` for async code: awaits async handlers and calls sync ones in the event loop."""
         plan = self._call_plan(call, handler, options)
         return await self._rt.run_async(execute(plan))
 
-    def _call_plan(self, call: ToolCall, handler: Callable[..., Any], raw: CallOptions) -> Plan:
-        if not isinstance(call, ToolCall):
-            raise InvalidArguments(f"ledger.run takes a ToolCall, not {type(call).__qualname__}")
+    def _call_plan(self, call: Any, handler: Callable[..., Any], raw: CallOptions) -> Plan:
         if not callable(handler):
             raise InvalidArguments(f"handler must be callable, not {handler!r}")
         options = _Options.build(raw)
+        if not isinstance(call, ToolCall):
+            call = self._from_sdk(call, handler)
         args = dict(call.args)
         wants = _wants_effect(handler)
         if "effect" in args and wants:
@@ -478,6 +512,17 @@ class Ledger:
             decode=decode,
         )
 
+    @staticmethod
+    def _from_sdk(obj: Any, handler: Callable[..., Any]) -> ToolCall:
+        """A ``ToolCall`` from an SDK's tool-call object, its arguments validated against the handler."""
+        from .adapters import parse_tool_call
+
+        parsed = parse_tool_call(obj)
+        workflow_id = current_workflow()
+        if workflow_id is None:
+            raise NoWorkflow(parsed.name)
+        return ToolCall(workflow_id=workflow_id, tool=parsed.name, args=_validated(handler, parsed.name, parsed.args))
+
     # -- the decorator ---------------------------------------------------------------------
 
     @overload
@@ -502,17 +547,20 @@ class Ledger:
                 "@ledger.tool rebuilds results from the return annotation; result_type is for run()"
             )
         built = _Options.build(options)
+        where = _caller_namespace()
         if callable(name):
-            return self._decorate(name, None, built)
+            return self._decorate(name, None, built, where)
         if name is not None and (not isinstance(name, str) or not name or len(name) > 255):
             raise ConfigurationError(f"tool name must be a non-empty string of at most 255 characters, not {name!r}")
 
         def decorator(fn: Callable[..., R]) -> Tool[R]:
-            return self._decorate(fn, name, built)
+            return self._decorate(fn, name, built, where)
 
         return decorator
 
-    def _decorate(self, fn: Callable[..., R], name: str | None, options: _Options) -> Tool[R]:
+    def _decorate(
+        self, fn: Callable[..., R], name: str | None, options: _Options, where: Mapping[str, Any] | None = None
+    ) -> Tool[R]:
         if not callable(fn):
             raise ConfigurationError(f"@ledger.tool decorates functions, not {fn!r}")
         tool_name = name or f"{fn.__module__}.{fn.__qualname__}"
@@ -532,7 +580,7 @@ class Ledger:
             p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL)
             for p in public.parameters.values()
         )
-        decode = _return_decoder(fn)
+        decode = _return_decoder(fn, where)
         previous = self._tools.get(tool_name)
         if previous is not None and (previous[0].__module__, previous[0].__qualname__) != (
             fn.__module__,
@@ -545,7 +593,7 @@ class Ledger:
         self._tools[tool_name] = (fn, options)
 
         def plan_for(a: tuple[Any, ...], kw: dict[str, Any]) -> Plan:
-            workflow_id = _workflow.get()
+            workflow_id = current_workflow()
             if workflow_id is None:
                 raise NoWorkflow(tool_name)
             try:
@@ -590,6 +638,80 @@ class Ledger:
         wrapper.tool_name = tool_name
         wrapper.ledger = self
         return typing.cast(Tool[R], wrapper)
+
+    # -- recorded steps (model turns) -----------------------------------------------------
+
+    @overload
+    def step(self, name: str, /) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+    @overload
+    def step(self, name: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    def step(self, name: str, fn: Callable[..., Any] | None = None, /, *args: Any, **kwargs: Any) -> Any:
+        """Record a non-deterministic call (a model request) by its position in the workflow run.
+
+        ``@ledger.step("llm")`` decorates a function; ``ledger.step("llm", fn, *args)`` calls one now.
+        The first run records each step's result at its position (0, 1, 2, ... per
+        ``ledger.workflow(...)`` entry); a re-run after a crash replays them in order, so the model's
+        answers, and therefore the tool calls made from them, are the same as in the crashed run. A
+        different step name at a recorded position raises ``StepDivergence``. Steps must be called in
+        a deterministic order (not from concurrent tasks). Results come back as the function's
+        return annotation (e.g. an SDK's pydantic response type).
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"a step needs a non-empty name, not {name!r}")
+        where = _caller_namespace()
+        if fn is None:
+
+            def decorator(f: Callable[P, R]) -> Callable[P, R]:
+                return self._step_wrapper(name, f, where)
+
+            return decorator
+        return self._step_wrapper(name, fn, where)(*args, **kwargs)
+
+    def _step_wrapper(self, name: str, fn: Callable[P, R], where: Mapping[str, Any]) -> Callable[P, R]:
+        decode = _return_decoder(fn, where)
+
+        def plan_for(a: tuple[Any, ...], kw: dict[str, Any]) -> tuple[Plan, int]:
+            state = _workflow.get()
+            if state is None:
+                raise NoWorkflow(f"step {name}")
+            position = state.next_step
+            state.next_step += 1
+            plan = self._plan(
+                workflow_id=state.workflow_id,
+                tool=STEP_TOOL,
+                args={"position": position, "name": name},
+                invoke=lambda effect: fn(*a, **kw),
+                options=_STEP_OPTIONS,
+                decode=decode,
+            )
+            return plan, position
+
+        def diverged(e: PayloadMismatch, plan: Plan, position: int) -> StepDivergence:
+            return StepDivergence(plan.workflow_id, position, name, e.key or plan.key)
+
+        if _is_async(fn):
+
+            @functools.wraps(fn)
+            async def async_step(*a: Any, **kw: Any) -> Any:
+                plan, position = plan_for(a, kw)
+                try:
+                    return await self._rt.run_async(execute(plan))
+                except PayloadMismatch as e:
+                    raise diverged(e, plan, position) from e
+
+            return typing.cast(Callable[P, R], async_step)
+
+        @functools.wraps(fn)
+        def sync_step(*a: Any, **kw: Any) -> Any:
+            plan, position = plan_for(a, kw)
+            try:
+                return self._rt.run_sync(execute(plan))
+            except PayloadMismatch as e:
+                raise diverged(e, plan, position) from e
+
+        return typing.cast(Callable[P, R], sync_step)
 
     # -- approvals -------------------------------------------------------------------------
 
@@ -905,7 +1027,52 @@ def _record(m: Mapping[str, Any], events: list[AuditEvent]) -> EffectRecord:
     )
 
 
-def _return_decoder(fn: Callable[..., Any]) -> Callable[[Any], Any] | None:
+def _validated(handler: Callable[..., Any], tool: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate (and coerce) a model's arguments against the handler's annotated parameters."""
+    from pydantic import ConfigDict, ValidationError, create_model
+
+    try:
+        sig = inspect.signature(handler)
+        hints = typing.get_type_hints(handler)
+    except (TypeError, ValueError, NameError):
+        return dict(args)
+    fields: dict[str, Any] = {}
+    extra: Literal["allow", "forbid"] = "forbid"
+    for name, p in sig.parameters.items():
+        if name == "effect" or p.kind is inspect.Parameter.VAR_POSITIONAL:
+            continue
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            extra = "allow"
+            continue
+        default = p.default if p.default is not inspect.Parameter.empty else ...
+        fields[name] = (hints.get(name, Any), default)
+    model = create_model(
+        f"{tool}_arguments", __config__=ConfigDict(extra=extra, arbitrary_types_allowed=True), **fields
+    )
+    try:
+        validated = model.model_validate(dict(args))
+    except ValidationError as e:
+        problems = "; ".join(f"args.{'.'.join(str(x) for x in err['loc']) or '?'}: {err['msg']}" for err in e.errors())
+        first = e.errors()[0]["loc"] if e.errors() else ()
+        raise InvalidArguments(
+            f"the model's arguments for tool {tool!r} do not fit the handler: {problems}",
+            path="args." + ".".join(str(x) for x in first) if first else "args",
+        ) from e
+    data = dict(validated)
+    data.update(validated.model_extra or {})
+    return {k: data[k] for k in args}
+
+
+def _caller_namespace(depth: int = 2) -> dict[str, Any]:
+    """The local names where a tool or step was declared, to resolve string annotations later
+    (``from __future__ import annotations`` with types imported inside a function)."""
+    try:
+        return dict(sys._getframe(depth).f_locals)
+    except (AttributeError, ValueError):  # pragma: no cover - interpreters without frames
+        return {}
+
+
+def _return_decoder(fn: Callable[..., Any], localns: Mapping[str, Any] | None = None) -> Callable[[Any], Any] | None:
     """Validate replayed results into the function's annotated return type (lazily resolved)."""
     if inspect.signature(fn).return_annotation is inspect.Signature.empty:
         return None
@@ -914,7 +1081,7 @@ def _return_decoder(fn: Callable[..., Any]) -> Callable[[Any], Any] | None:
     def decode(value: Any) -> Any:
         if not adapter:
             try:
-                hint = typing.get_type_hints(fn).get("return", Any)
+                hint = typing.get_type_hints(fn, localns=dict(localns or {})).get("return", Any)
             except Exception as e:
                 raise ConfigurationError(
                     f"cannot resolve the return annotation of {fn.__qualname__} to rebuild replayed results: {e}"

@@ -9,6 +9,7 @@
     ├── PayloadMismatch        the key is taken by a call with a different payload
     ├── ResultNotReplayable    the key succeeded but its result could not be stored or rebuilt
     ├── RecordedError          the key failed before and its policy replays the failure
+    ├── StepDivergence         a re-run called a different recorded step at the same position
     ├── InProgress             another worker holds the key and did not finish within ``wait``
     ├── OutcomeUnknown         a worker died mid-call: the side effect may or may not have happened
     ├── ApprovalPending        the call waits for a human decision (``approval_id``)
@@ -44,6 +45,7 @@ __all__ = [
     "RecordedError",
     "ResultNotReplayable",
     "SchemaMissing",
+    "StepDivergence",
     "StorageError",
 ]
 
@@ -138,6 +140,25 @@ class RecordedError(LedgerError):
         self.error_type = error_type
         self.message = message
         self.traceback = traceback
+
+
+class StepDivergence(LedgerError):
+    """A re-run of a workflow called a different step at a position the first run recorded.
+
+    The recorded steps replay in order; if the agent's code or inputs changed so that it now asks for
+    another step there, its later tool calls can no longer be matched to the recorded ones.
+    """
+
+    def __init__(self, workflow_id: str, position: int, name: str, key: str) -> None:
+        super().__init__(
+            f"workflow {workflow_id!r}: this run calls step {name!r} at position {position}, but the recorded "
+            f"run called a different step there (key {key}). The agent took a different path than the run it "
+            f"is resuming; use a new workflow id to start over, or restore the code that made the recording."
+        )
+        self.key = key
+        self.workflow_id = workflow_id
+        self.position = position
+        self.name = name
 
 
 class InProgress(LedgerError):

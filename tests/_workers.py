@@ -12,6 +12,8 @@ import signal
 import time
 from typing import Any
 
+from openai.types.chat import ChatCompletion
+
 from agent_ledger import Effect, InProgress, Ledger, LedgerError, StorageError, ToolCall, _keys
 from agent_ledger._flow import utcnow
 
@@ -187,4 +189,58 @@ def approval_call(url: str, log: str, amount: int, results: Any) -> None:
             results.put(("ok", charge("cus_123", amount)))
         except ApprovalPending as e:
             results.put(("pending", e.approval_id))
+    ledger.close()
+
+
+def scripted_completion(run_no: int, turn: int) -> Any:
+    """A scripted 'model': a real ChatCompletion that answers differently in every run."""
+    if turn == 0:
+        amount = 100 if run_no == 1 else 250  # a resumed agent asking again would get another answer
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": f"call_run{run_no}",
+                    "type": "function",
+                    "function": {"name": "charge", "arguments": f'{{"customer": "cus_1", "amount": {amount}}}'},
+                }
+            ],
+        }
+    else:
+        message = {"role": "assistant", "content": f"Done (run {run_no})."}
+    return ChatCompletion.model_validate(
+        {
+            "id": f"chatcmpl-{run_no}-{turn}",
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": "scripted",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+        }
+    )
+
+
+def chat_agent(url: str, log: str, run_no: int, die_after_charge: bool, record_turns: bool) -> None:
+    """An agent loop: ask the model, run its tool call, ask again. SIGKILLs itself after the charge."""
+    ledger = Ledger(url)
+
+    def ask(turn: int) -> ChatCompletion:
+        log_line(log, f"model run{run_no} turn{turn}")
+        completion: ChatCompletion = scripted_completion(run_no, turn)
+        return completion
+
+    def charge(customer: str, amount: int) -> dict[str, Any]:
+        log_line(log, f"charge {amount}")
+        return {"charged": amount}
+
+    with ledger.workflow("chat-1"):
+        for turn in range(2):
+            completion = ledger.step("llm", ask, turn) if record_turns else ask(turn)
+            calls = completion.choices[0].message.tool_calls or []
+            for call in calls:
+                ledger.run(call, handler=charge)
+                if die_after_charge:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if not calls:
+                log_line(log, f"answer {completion.choices[0].message.content}")
     ledger.close()
