@@ -742,9 +742,21 @@ class Ledger:
             raise InvalidArguments("a decision needs by='<who decided>' for the audit trail")
         store = self._rt.store
         found = self._rt.do(store.approval(approval_id))
-        if found is None:
-            raise ApprovalRefused(approval_id, "no such approval request")
         now = utcnow()
+        if found is None:
+            self._rt.do(
+                store.event(
+                    key="-",
+                    workflow_id="-",
+                    tool="approvals",
+                    kind="approval_refused",
+                    attempt=None,
+                    owner=by,
+                    at=now,
+                    detail={"approval_id": approval_id, "decision": status, "why": "no such approval request"},
+                )
+            )
+            raise ApprovalRefused(approval_id, "no such approval request")
 
         def refuse(why: str) -> ApprovalRefused:
             self._rt.do(

@@ -369,8 +369,9 @@ class Runtime:
             self.heartbeats.stop(op.handle)
             return None
         if isinstance(op, Notify):
-            for channel in self.channels:
-                self._notified(op.approval, channel, "request", _call_channel(channel, "request", op.approval))
+            outcomes = [(c, _settled(_call_channel(c, "request", op.approval))) for c in self.channels]
+            for work in self._notices(op.approval, "request", outcomes):
+                self.do(work)
             return None
         raise AssertionError(f"unknown operation {op!r}")  # pragma: no cover
 
@@ -408,14 +409,17 @@ class Runtime:
                 await op.handle
             return None
         if isinstance(op, Notify):
+            outcomes = []
             for channel in self.channels:
                 if inspect.iscoroutinefunction(getattr(channel, "request", None)):
                     outcome = _call_channel(channel, "request", op.approval)
-                    if asyncio.iscoroutine(outcome.value):
-                        outcome = await _awaited_outcome(outcome.value)
                 else:  # a blocking channel (HTTP) must not stall the event loop
                     outcome = await asyncio.to_thread(_call_channel, channel, "request", op.approval)
-                await self._anotified(op.approval, channel, "request", outcome)
+                if inspect.isawaitable(outcome.value):
+                    outcome = await _awaited_outcome(outcome.value)
+                outcomes.append((channel, outcome))
+            for work in self._notices(op.approval, "request", outcomes):
+                await self.ado(work)
             return None
         return self._perform(op)
 
@@ -448,47 +452,38 @@ class Runtime:
     # -- approval channels ---------------------------------------------------------------
 
     def decided(self, row: Mapping[str, Any]) -> None:
-        """Tell every channel that has a ``decided`` hook about a decision (sync; failures audited)."""
-        for channel in self.channels:
-            if hasattr(channel, "decided"):
-                outcome = _call_channel(channel, "decided", row)
-                if asyncio.iscoroutine(outcome.value):
-                    outcome = asyncio.run(_awaited_outcome(outcome.value))
-                self._notified(row, channel, "decided", outcome)
-
-    def _notice(self, row: Mapping[str, Any], channel: Any, hook: str, outcome: _Outcome) -> list[Work]:
-        name = getattr(channel, "name", type(channel).__name__)
-        works: list[Work] = []
-        detail: dict[str, Any] = {"approval_id": row["id"], "channel": name, "hook": hook}
-        if outcome.error is not None:
-            detail["error"] = outcome.error
-            log.warning("approval channel %s failed on %s of %s: %s", name, hook, row["id"], outcome.error)
-        elif isinstance(outcome.value, Mapping) and outcome.value:
-            state = dict(row["channel_state"] or {})
-            state[name] = dict(outcome.value)
-            works.append(self.store.set_channel_state(row["id"], state))
-        kind = "notification_failed" if outcome.error is not None else "notified"
-        works.append(
-            self.store.event(
-                key=row["key"],
-                workflow_id=row["workflow_id"],
-                tool=row["tool"],
-                kind=kind,
-                attempt=None,
-                owner=self.actor,
-                at=utcnow(),
-                detail=detail,
-            )
-        )
-        return works
-
-    def _notified(self, row: Mapping[str, Any], channel: Any, hook: str, outcome: _Outcome) -> None:
-        for work in self._notice(row, channel, hook, outcome):
+        """Tell every channel that has a ``decided`` hook about a decision (failures are audited)."""
+        outcomes = [(c, _settled(_call_channel(c, "decided", row))) for c in self.channels if hasattr(c, "decided")]
+        for work in self._notices(row, "decided", outcomes):
             self.do(work)
 
-    async def _anotified(self, row: Mapping[str, Any], channel: Any, hook: str, outcome: _Outcome) -> None:
-        for work in self._notice(row, channel, hook, outcome):
-            await self.ado(work)
+    def _notices(self, row: Mapping[str, Any], hook: str, outcomes: list[tuple[Any, _Outcome]]) -> list[Work]:
+        """The audit rows of one round of channel calls, plus the merged state the channels returned."""
+        state = dict(row["channel_state"] or {})
+        works: list[Work] = []
+        for channel, outcome in outcomes:
+            name = _channel_name(channel)
+            detail: dict[str, Any] = {"approval_id": row["id"], "channel": name, "hook": hook}
+            if outcome.error is not None:
+                detail["error"] = outcome.error
+                log.warning("approval channel %s failed on %s of %s: %s", name, hook, row["id"], outcome.error)
+            elif isinstance(outcome.value, Mapping) and outcome.value:
+                state[name] = dict(outcome.value)
+            works.append(
+                self.store.event(
+                    key=row["key"],
+                    workflow_id=row["workflow_id"],
+                    tool=row["tool"],
+                    kind="notification_failed" if outcome.error is not None else "notified",
+                    attempt=None,
+                    owner=self.actor,
+                    at=utcnow(),
+                    detail=detail,
+                )
+            )
+        if state != (row["channel_state"] or {}):
+            works.insert(0, self.store.set_channel_state(row["id"], state))
+        return works
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -534,9 +529,29 @@ class _Outcome:
         self.error = error
 
 
+def _channel_name(channel: Any) -> str:
+    return str(getattr(channel, "name", type(channel).__name__))
+
+
+def _settled(outcome: _Outcome) -> _Outcome:
+    """Resolve an async hook's result for a sync caller (impossible inside a running event loop)."""
+    if not inspect.isawaitable(outcome.value):
+        return outcome
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_awaited_outcome(outcome.value))
+    if inspect.iscoroutine(outcome.value):
+        outcome.value.close()
+    return _Outcome(
+        error="an async channel hook was called from sync code inside a running event loop; "
+        "use the async API (await ledger.run / ledger.arun) or give the channel sync hooks"
+    )
+
+
 def _call_channel(channel: Any, hook: str, row: Mapping[str, Any]) -> _Outcome:
     try:
-        state = (row.get("channel_state") or {}).get(getattr(channel, "name", type(channel).__name__))
+        state = (row.get("channel_state") or {}).get(_channel_name(channel))
         approval = approval_from_row(row)
         fn = getattr(channel, hook)
         return _Outcome(fn(approval) if hook == "request" else fn(approval, state))

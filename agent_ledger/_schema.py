@@ -31,7 +31,7 @@ from sqlalchemy.types import TypeDecorator
 __all__ = ["DEFAULT_PREFIX", "SCHEMA_REVISION", "Tables", "UTCDateTime", "build_tables", "json_type"]
 
 DEFAULT_PREFIX = "agent_ledger_"
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 """The alembic revision these tables correspond to (a test checks it is the head)."""
 
 
@@ -95,7 +95,9 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("created_at", UTCDateTime(), nullable=False),
         Column("started_at", UTCDateTime(), nullable=True),
         Column("finished_at", UTCDateTime(), nullable=True),
+        Column("retain_until", UTCDateTime(), nullable=True),
         Index(f"ix_{prefix}effects_workflow", "workflow_id", "created_at"),
+        Index(f"ix_{prefix}effects_retention", "retain_until"),
         Index(f"ix_{prefix}effects_status_lease", "status", "lease_expires_at"),
     )
     events = Table(

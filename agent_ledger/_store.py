@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Executable, and_, bindparam, insert, literal, or_, select, update
+from sqlalchemy import Executable, and_, bindparam, delete, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ._decide import Row, transition
@@ -429,6 +429,11 @@ class Store:
             .returning(ib.c.message_id)
         )
         return Work(((stmt, {}),), "row", True, "inbound")
+
+    def forget_inbound(self, *, message_id: str) -> Work:
+        """Drop a recorded inbound id (its processing failed before deciding anything)."""
+        ib = self.tables.inbound
+        return Work(((delete(ib).where(ib.c.message_id == message_id), {}),), label="inbound")
 
     # -- state changes ---------------------------------------------------------------------
 

@@ -75,6 +75,8 @@ def fake_slack() -> Iterator[Recorder]:
         if path.endswith("chat.update"):
             time.sleep(0.5)  # a slow Slack must not delay the answer to the click
             return 200, {"ok": True, "channel": "C123", "ts": "1700000000.000100"}
+        if path.endswith("/respond"):  # an interaction's response_url
+            return 200, {"ok": True}
         return 404, {"ok": False, "error": "unknown_method"}
 
     rec = Recorder(respond)
@@ -106,9 +108,12 @@ def serve() -> Iterator[Callable[[Any], str]]:
         thread.join(10)
 
 
-def slack_click(approval_id: str, user: str, action: str = "agent_ledger_approve") -> bytes:
+def slack_click(
+    approval_id: str, user: str, action: str = "agent_ledger_approve", response_url: str | None = None
+) -> bytes:
     payload = {
         "type": "block_actions",
+        "response_url": response_url,
         "user": {"id": user, "username": user.lower()},
         "actions": [{"action_id": action, "block_id": "agent_ledger_decision", "value": approval_id}],
     }
@@ -210,9 +215,14 @@ def test_slack_refusals_are_audited(
     tampered = slack_click(approval_id, "U999")
     assert httpx.post(url, content=tampered, headers=slack_headers(body)).status_code == 401
 
-    outsider = slack_click(approval_id, "U666")
+    outsider = slack_click(approval_id, "U666", response_url=fake_slack.url + "respond")
     answer = httpx.post(url, content=outsider, headers=slack_headers(outsider))
     assert answer.status_code == 200 and "may not decide" in answer.json()["text"]
+    deadline = time.monotonic() + 10
+    while not fake_slack.json_bodies("respond") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (told,) = fake_slack.json_bodies("respond")  # the clicker is told, privately, why nothing happened
+    assert told["response_type"] == "ephemeral" and "may not decide" in told["text"]
     assert ledger.approval(approval_id).status is ApprovalStatus.PENDING  # type: ignore[union-attr]
 
     first = httpx.post(url, content=body, headers=slack_headers(body))
@@ -339,3 +349,59 @@ def test_app_routes(make_ledger: Callable[..., Ledger], serve: Callable[[Any], s
     base = serve(make_ledger().approvals_app(webhook_secret=WEBHOOK_SECRET))
     assert httpx.post(f"{base}/slack/interactions", content=b"x").status_code == 404  # no Slack secret given
     assert httpx.get(f"{base}/webhooks/decisions").status_code == 405
+
+
+def test_reject_in_slack_and_several_channels_keep_their_state(
+    make_ledger: Callable[..., Ledger], fake_slack: Recorder, serve: Callable[[Any], str]
+) -> None:
+    channels = [
+        SlackChannel(token="xoxb-test", channel="C123", api_url=fake_slack.url, name="slack-ops"),
+        SlackChannel(token="xoxb-test", channel="C123", api_url=fake_slack.url, name="slack-finance"),
+    ]
+    ledger = make_ledger(channels=channels)
+    with pytest.raises(ApprovalPending) as info:
+        ledger.run(CHARGE, handler=lambda amount, customer: pytest.fail("ran"), requires_approval=True)
+    assert len(fake_slack.json_bodies("chat.postMessage")) == 2
+    base = serve(ledger.approvals_app(slack_signing_secret=SIGNING_SECRET))
+    body = slack_click(info.value.approval_id, "U777", action="agent_ledger_reject")
+    answer = httpx.post(f"{base}/slack/interactions", content=body, headers=slack_headers(body))
+    assert answer.json()["status"] == "rejected"
+    deadline = time.monotonic() + 10
+    while len(fake_slack.json_bodies("chat.update")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    updates = fake_slack.json_bodies("chat.update")
+    assert len(updates) == 2 and all("*Rejected* by <@U777>" in u["blocks"][-1]["text"]["text"] for u in updates)
+    rejected = ledger.approval(info.value.approval_id)
+    assert rejected is not None and rejected.reason == "rejected in Slack"
+
+
+def test_async_callback_channel_from_sync_code(make_ledger: Callable[..., Ledger]) -> None:
+    from agent_ledger.approvals import CallbackChannel
+
+    seen: list[str] = []
+
+    async def announce(approval: Any) -> None:
+        seen.append(approval.approval_id)
+
+    ledger = make_ledger(channels=[CallbackChannel(announce)])
+    with pytest.raises(ApprovalPending) as info:
+        ledger.run(CHARGE, handler=lambda amount, customer: 1, requires_approval=True)
+    assert seen == [info.value.approval_id]
+
+
+def test_unknown_approval_ids_are_refused_and_audited(make_ledger: Callable[..., Ledger]) -> None:
+    from agent_ledger import ApprovalRefused
+
+    ledger = make_ledger()
+    with pytest.raises(ApprovalRefused, match="no such approval"):
+        ledger.approve("apr_nope", by="alice")
+    (event,) = ledger.events(workflow_id="-")
+    assert event.kind == "approval_refused" and event.owner == "alice"
+
+
+def test_signed_headers_accept_any_aware_time() -> None:
+    at = datetime.now(timezone(timedelta(hours=2)))
+    headers = signed_headers(WEBHOOK_SECRET, "msg_tz", "{}", at=at)
+    assert Webhook(WEBHOOK_SECRET).verify("{}", headers) == {}
+    with pytest.raises(ValueError, match="aware"):
+        signed_headers(WEBHOOK_SECRET, "msg_tz", "{}", at=datetime.now())

@@ -60,12 +60,9 @@ class CallbackChannel:
         self.name = name
 
     def request(self, approval: Approval) -> Any:
-        """Pass the request to ``on_request``."""
-        self.on_request(approval)
-        return None
+        """Pass the request to ``on_request`` (its awaitable, if it is async, is awaited by the ledger)."""
+        return self.on_request(approval)
 
     def decided(self, approval: Approval, state: Mapping[str, Any] | None) -> Any:
         """Pass the decided approval to ``on_decided`` (if any)."""
-        if self.on_decided is not None:
-            self.on_decided(approval)
-        return None
+        return self.on_decided(approval) if self.on_decided is not None else None

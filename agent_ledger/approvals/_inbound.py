@@ -10,12 +10,14 @@ Every refusal is an audit event: unverifiable requests as ``inbound_refused`` (t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from standardwebhooks import Webhook
 
 from .._flow import utcnow
@@ -89,12 +91,27 @@ def handle_slack(ledger: Ledger, body: bytes, headers: Mapping[str, str], signin
     if action_id not in (APPROVE_ACTION, REJECT_ACTION):
         return _refuse_inbound(ledger, "slack", 400, f"unknown action {action_id!r}", {"user": user})
     decision = "approve" if action_id == APPROVE_ACTION else "reject"
-    response = _decide(ledger, approval_id, decision, user, f"{decision}d in Slack")
+    reason = "approved in Slack" if decision == "approve" else "rejected in Slack"
+    response = _decide(ledger, approval_id, decision, user, reason)
     if response.status != 200:
-        # Slack shows nothing useful for an error status: answer 200 and say why in the body.
-        response.body["text"] = f"Not recorded: {response.body['error']}"
+        # Slack shows nothing for a button's error status: answer 200, and tell the clicker through the
+        # interaction's response_url (an ephemeral message) once the answer is sent.
+        why = f"Not recorded: {response.body['error']}"
+        response.body["text"] = why
         response.status = 200
+        response_url = payload.get("response_url")
+        if isinstance(response_url, str) and response_url.startswith(("https://", "http://")):
+            response.after = lambda: _tell(response_url, why)
     return response
+
+
+def _tell(response_url: str, text: str) -> None:
+    with contextlib.suppress(httpx.HTTPError):  # the decision was refused and audited either way
+        httpx.post(
+            response_url,
+            json={"response_type": "ephemeral", "replace_original": False, "text": text},
+            timeout=5,
+        )
 
 
 def handle_webhook(ledger: Ledger, body: bytes, headers: Mapping[str, str], secret: str) -> InboundResponse:
@@ -108,6 +125,15 @@ def handle_webhook(ledger: Ledger, body: bytes, headers: Mapping[str, str], secr
     fresh = ledger._rt.do(ledger._rt.store.remember_inbound(message_id=message_id, source="webhook", now=utcnow()))
     if fresh is None:
         return _refuse_inbound(ledger, "webhook", 409, "replayed webhook-id", {"webhook_id": message_id})
+    try:
+        return _webhook_decision(ledger, data, message_id)
+    except Exception:
+        # Nothing was decided (e.g. the database failed): let the sender's retry with this id through.
+        ledger._rt.do(ledger._rt.store.forget_inbound(message_id=message_id))
+        raise
+
+
+def _webhook_decision(ledger: Ledger, data: Any, message_id: str) -> InboundResponse:
     try:
         approval_id = str(data["approval_id"])
         payload_hash = str(data["payload_hash"])

@@ -146,8 +146,6 @@ class SlackChannel:
     Decisions come back through ``ledger.approvals_app(slack_signing_secret=...)``.
     """
 
-    name = "slack"
-
     def __init__(
         self,
         token: str,
@@ -156,9 +154,13 @@ class SlackChannel:
         api_url: str = "https://slack.com/api/",
         timeout: float = 5.0,
         client: httpx.Client | None = None,
+        name: str = "slack",
     ) -> None:
         if not token or not channel:
             raise ValueError("SlackChannel needs a bot token and a channel id")
+        self.name = name
+        """Distinguishes channels in the audit trail and in the saved message ids: give two Slack
+        channels on one ledger different names."""
         self.token = token
         self.channel = channel
         self.api_url = api_url if api_url.endswith("/") else api_url + "/"

@@ -22,7 +22,9 @@ class WebhookDeliveryError(Exception):
 
 def signed_headers(secret: str, message_id: str, body: str, *, at: datetime | None = None) -> dict[str, str]:
     """The Standard Webhooks headers (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``)."""
-    when = at or datetime.now(timezone.utc)
+    if at is not None and at.tzinfo is None:
+        raise ValueError("signed_headers needs an aware datetime (e.g. datetime.now(timezone.utc))")
+    when = (at or datetime.now(timezone.utc)).astimezone(timezone.utc)
     return {
         "webhook-id": message_id,
         "webhook-timestamp": str(int(when.timestamp())),
@@ -32,10 +34,12 @@ def signed_headers(secret: str, message_id: str, body: str, *, at: datetime | No
 
 
 def approval_payload(event: str, approval: Approval) -> dict[str, Any]:
-    """The JSON body of an outbound approval event."""
+    """The JSON body of an outbound approval event (requests say how to answer them)."""
+    payload: dict[str, Any] = {"type": event, "approval": approval.model_dump(mode="json")}
+    if event != "approval.requested":
+        return payload
     return {
-        "type": event,
-        "approval": approval.model_dump(mode="json"),
+        **payload,
         "decide": {
             "how": "POST a signed JSON body to your approvals app at /webhooks/decisions",
             "body": {
@@ -57,8 +61,6 @@ class WebhookChannel:
     ledger audits ``notification_failed`` and the approval can still be decided from the CLI or API.
     """
 
-    name = "webhook"
-
     def __init__(
         self,
         url: str,
@@ -68,7 +70,9 @@ class WebhookChannel:
         backoff: float = 0.25,
         timeout: float = 5.0,
         client: httpx.Client | None = None,
+        name: str = "webhook",
     ) -> None:
+        self.name = name
         if not url or not secret:
             raise ValueError("WebhookChannel needs a url and a secret (whsec_...)")
         Webhook(secret)  # refuse a malformed secret now, not at the first delivery
