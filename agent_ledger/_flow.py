@@ -207,6 +207,8 @@ class Plan:
     detect_local_crashes: bool = True
     approval: ApprovalPolicy | None = None
     """Set when this call needs a human approval bound to its payload hash."""
+    retention: float | None = None
+    """Seconds after completion when ``prune`` may delete the record (None: only by ``older_than``)."""
 
 
 @dataclass(frozen=True)
@@ -593,7 +595,8 @@ def _record(
     plan: Plan, event: Any, finish: Mapping[str, Any], detail: dict[str, Any], **values: Any
 ) -> Generator[Op, Any, None]:
     now = utcnow()
-    n = yield Db(plan.store.finish(event=event, now=now, detail=detail, **finish, **values))
+    retain = now + timedelta(seconds=plan.retention) if plan.retention is not None and event != "mark_unknown" else None
+    n = yield Db(plan.store.finish(event=event, now=now, detail=detail, retain_until=retain, **finish, **values))
     if not n:
         # Fenced off: our lease was taken over (or the effect was resolved) while we ran. Our handler
         # did run, so the caller still gets its own outcome; the stored outcome stays the new owner's.

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import enum
 import hashlib
+import hmac
 import math
 import uuid
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ __all__ = [
     "diff_fields",
     "normalise",
     "payload_hash",
+    "redacted",
 ]
 
 KEY_VERSION = 1
@@ -126,6 +128,19 @@ def compute_key(workflow_id: str, tool: str, key_args: Mapping[str, Any]) -> str
 def payload_hash(tool: str, args: Mapping[str, Any]) -> str:
     """Hash of the full normalised payload (tool + all args); approvals and mismatches compare it."""
     return _digest({"v": KEY_VERSION, "tool": tool, "args": args})
+
+
+def redacted(value: Any, key: bytes | None = None) -> dict[str, str]:
+    """What is stored instead of a redacted argument: its hash (HMAC-SHA256 when a key is configured).
+
+    Equal values give equal hashes, so a changed redacted argument is still detected (and named), while
+    the value itself never reaches the database. Without a key, low-entropy values (a card number) can
+    be brute-forced from a plain hash: configure ``Ledger(redaction_key=...)`` for those.
+    """
+    data = canonical(value)
+    if key:
+        return {"$redacted": "hmac-sha256:" + hmac.new(key, data, hashlib.sha256).hexdigest()}
+    return {"$redacted": "sha256:" + hashlib.sha256(data).hexdigest()}
 
 
 def diff_fields(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:

@@ -10,9 +10,9 @@ import inspect
 import os
 import sys
 import typing
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, Protocol, TypedDict, TypeVar, overload
 
@@ -47,6 +47,7 @@ from ._models import (
 from ._runtime import Runtime
 from ._schema import DEFAULT_PREFIX, build_tables
 from ._store import row_from_mapping
+from ._telemetry import Telemetry
 from .errors import (
     ApprovalRefused,
     ConfigurationError,
@@ -180,6 +181,10 @@ class CallOptions(TypedDict, total=False):
     """Block (sync) or await (async) this long for a decision; default 0: raise ``ApprovalPending``."""
     result_type: Any
     """``ledger.run`` only: rebuild replayed results as this type (the decorator uses the annotation)."""
+    redact: Iterable[str] | None
+    """Arguments stored only as a hash (still part of the key and the payload hash), e.g. card numbers."""
+    retention: float | timedelta | None
+    """Keep this tool's settled records at least this long; ``ledger.prune()`` removes them after."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,8 @@ class _Options:
     requires_approval: bool | Callable[[ToolCall], bool]
     approval: ApprovalPolicy | None
     result_type: Any
+    redact: tuple[str, ...] = ()
+    retention: float | None = None
 
     @staticmethod
     def build(options: CallOptions) -> _Options:
@@ -264,7 +271,20 @@ class _Options:
             requires_approval=requires,
             approval=approval,
             result_type=options.get("result_type", _UNSET),
+            redact=_names(options.get("redact"), "redact"),
+            retention=_seconds(options.get("retention"), "retention", allow_zero=False),
         )
+
+
+def _names(value: Iterable[str] | None, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        raise ConfigurationError(f"{what} must be a list of argument names, not the string {value!r}")
+    names = tuple(value)
+    if not all(isinstance(n, str) and n for n in names):
+        raise ConfigurationError(f"{what} must hold argument names, not {value!r}")
+    return names
 
 
 STEP_TOOL = "agent_ledger.step"
@@ -310,6 +330,8 @@ class Ledger:
         detect_local_crashes: bool = True,
         engine_options: Mapping[str, Any] | None = None,
         channels: Iterable[Any] = (),
+        redaction_key: str | bytes | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         resolved = url or os.environ.get("AGENT_LEDGER_URL") or DEFAULT_URL
         if not isinstance(max_args_bytes, int) or max_args_bytes <= 0:
@@ -323,6 +345,8 @@ class Ledger:
         self.detect_local_crashes = detect_local_crashes
         self.tables = build_tables(table_prefix, schema)
         self.channels = list(channels)
+        self._telemetry = Telemetry(tracer_provider)
+        self.redaction_key = redaction_key.encode() if isinstance(redaction_key, str) else redaction_key
         for channel in self.channels:
             if not callable(getattr(channel, "request", None)):
                 raise ConfigurationError(f"channel {channel!r} has no request(approval) method")
@@ -376,6 +400,14 @@ class Ledger:
 
     # -- planning --------------------------------------------------------------------------
 
+    def _execute(self, plan: Plan) -> Any:
+        with self._telemetry.call(plan) as seen:
+            return self._rt.run_sync(execute(plan), seen)
+
+    async def _aexecute(self, plan: Plan) -> Any:
+        with self._telemetry.call(plan) as seen:
+            return await self._rt.run_async(execute(plan), seen)
+
     def _plan(
         self,
         *,
@@ -405,12 +437,17 @@ class Ledger:
             key_args = {k: normalised[k] for k in options.key}
         else:
             key_args = normalised
+        stored = normalised
+        if options.redact:
+            stored = {
+                k: (_keys.redacted(v, self.redaction_key) if k in options.redact else v) for k, v in normalised.items()
+            }
         return Plan(
             store=self._rt.store,
             key=_keys.compute_key(workflow_id, tool, key_args),
             workflow_id=workflow_id,
             tool=tool,
-            args=normalised,
+            args=stored,
             call_args=dict(args),
             payload_hash=_keys.payload_hash(tool, normalised),
             invoke=invoke,
@@ -422,6 +459,7 @@ class Ledger:
             decode=decode,
             detect_local_crashes=self.detect_local_crashes,
             approval=self._approval_for(options, workflow_id, tool, args),
+            retention=options.retention,
         )
 
     @staticmethod
@@ -467,13 +505,13 @@ class Ledger:
         """
         plan = self._call_plan(call, handler, options)
         if _is_async(handler):
-            return self._rt.run_async(execute(plan))
-        return self._rt.run_sync(execute(plan))
+            return self._aexecute(plan)
+        return self._execute(plan)
 
     async def arun(self, call: ToolCall | Any, handler: Callable[..., Any], **options: Unpack[CallOptions]) -> Any:
         """``run`` for async code: awaits async handlers and calls sync ones in the event loop."""
         plan = self._call_plan(call, handler, options)
-        return await self._rt.run_async(execute(plan))
+        return await self._aexecute(plan)
 
     def _call_plan(self, call: Any, handler: Callable[..., Any], raw: CallOptions) -> Plan:
         if not callable(handler):
@@ -624,14 +662,14 @@ class Ledger:
 
             @functools.wraps(fn)
             async def async_wrapper(*a: Any, **kw: Any) -> Any:
-                return await self._rt.run_async(execute(plan_for(a, kw)))
+                return await self._aexecute(plan_for(a, kw))
 
             wrapper: Any = async_wrapper
         else:
 
             @functools.wraps(fn)
             def sync_wrapper(*a: Any, **kw: Any) -> Any:
-                return self._rt.run_sync(execute(plan_for(a, kw)))
+                return self._execute(plan_for(a, kw))
 
             wrapper = sync_wrapper
         wrapper.__signature__ = public
@@ -697,7 +735,7 @@ class Ledger:
             async def async_step(*a: Any, **kw: Any) -> Any:
                 plan, position = plan_for(a, kw)
                 try:
-                    return await self._rt.run_async(execute(plan))
+                    return await self._aexecute(plan)
                 except PayloadMismatch as e:
                     raise diverged(e, plan, position) from e
 
@@ -707,7 +745,7 @@ class Ledger:
         def sync_step(*a: Any, **kw: Any) -> Any:
             plan, position = plan_for(a, kw)
             try:
-                return self._rt.run_sync(execute(plan))
+                return self._execute(plan)
             except PayloadMismatch as e:
                 raise diverged(e, plan, position) from e
 
@@ -935,6 +973,66 @@ class Ledger:
         store = self._rt.store
         work = store.events_for_workflow(workflow_id) if workflow_id is not None else store.events_for_key(str(key))
         return [AuditEvent.model_validate(dict(e)) for e in self._rt.do(work)]
+
+    def effects(
+        self,
+        *,
+        workflow_id: str | None = None,
+        tool: str | None = None,
+        status: Status | str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[EffectRecord]:
+        """Effects matching every given filter (created in ``[since, until)``), oldest first, with events."""
+        self._rt.flush()
+        for name, when in (("since", since), ("until", until)):
+            if when is not None and (not isinstance(when, datetime) or when.tzinfo is None):
+                raise InvalidArguments(f"{name} must be an aware datetime, not {when!r}")
+        state = Status(status).value if status is not None else None
+        rows = self._rt.do(
+            self._rt.store.effects(
+                workflow_id=workflow_id, tool=tool, status=state, since=since, until=until, limit=limit
+            )
+        )
+        return self._with_events(rows)
+
+    def _with_events(self, rows: Sequence[Mapping[str, Any]]) -> list[EffectRecord]:
+        by_key: dict[str, list[AuditEvent]] = {}
+        keys = [r["key"] for r in rows]
+        for i in range(0, len(keys), 500):
+            for e in self._rt.do(self._rt.store.events_for_keys(keys[i : i + 500])):
+                by_key.setdefault(e["key"], []).append(AuditEvent.model_validate(dict(e)))
+        return [_record(m, by_key.get(m["key"], [])) for m in rows]
+
+    def export(self, out: typing.IO[str], **filters: Any) -> int:
+        """Write matching effects (``effects()`` filters), with their events, as JSON lines; returns the count."""
+        records = self.effects(**filters)
+        for rec in records:
+            out.write(rec.model_dump_json() + "\n")
+        return len(records)
+
+    def prune(self, *, older_than: float | timedelta | None = None, batch_size: int = 500) -> int:
+        """Delete settled records (succeeded or failed) past their tool's ``retention``, or finished more
+        than ``older_than`` ago, with their events and approvals. Returns how many effects were deleted.
+
+        A pruned call is forgotten: calling it again runs the handler again. Unsettled effects (running,
+        unknown, pending) are never pruned.
+        """
+        cutoff_s = _seconds(older_than, "older_than", allow_zero=True)
+        now = utcnow()
+        cutoff = now - timedelta(seconds=cutoff_s) if cutoff_s is not None else None
+        deleted = 0
+        while True:
+            keys = [
+                r["key"]
+                for r in self._rt.do(self._rt.store.prunable(now=now, finished_before=cutoff, limit=batch_size))
+            ]
+            if not keys:
+                return deleted
+            deleted += int(self._rt.do(self._rt.store.delete_keys(keys)))
+            if len(keys) < batch_size:
+                return deleted
 
     def history(self, workflow_id: str) -> list[EffectRecord]:
         """The workflow's effects in the order they were first called, each with its audit events."""

@@ -27,6 +27,7 @@ from ._flow import Beat, Db, Invoke, Notify, Op, Replayed, Sleep, StopBeat, utcn
 from ._models import approval_from_row
 from ._schema import Tables
 from ._store import Store, Work
+from ._telemetry import CallObserver
 from .errors import ConfigurationError, SchemaMissing, StorageError
 
 __all__ = ["Runtime", "normalise_url"]
@@ -337,7 +338,7 @@ class Runtime:
 
     # -- the drivers -----------------------------------------------------------------------
 
-    def run_sync(self, flow: Generator[Op, Any, Any]) -> Any:
+    def run_sync(self, flow: Generator[Op, Any, Any], seen: CallObserver | None = None) -> Any:
         """Drive a flow with blocking I/O."""
         send: Any = None
         error: BaseException | None = None
@@ -347,6 +348,8 @@ class Runtime:
             except StopIteration as stop:
                 return stop.value
             send, error = None, None
+            if seen is not None:
+                seen.saw(op)
             try:
                 send = self._perform(op)
             except BaseException as e:
@@ -375,7 +378,7 @@ class Runtime:
             return None
         raise AssertionError(f"unknown operation {op!r}")  # pragma: no cover
 
-    async def run_async(self, flow: Generator[Op, Any, Any]) -> Any:
+    async def run_async(self, flow: Generator[Op, Any, Any], seen: CallObserver | None = None) -> Any:
         """Drive a flow with asyncio I/O."""
         send: Any = None
         error: BaseException | None = None
@@ -385,6 +388,8 @@ class Runtime:
             except StopIteration as stop:
                 return stop.value
             send, error = None, None
+            if seen is not None:
+                seen.saw(op)
             try:
                 send = await self._aperform(op)
             except BaseException as e:

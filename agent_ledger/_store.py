@@ -145,6 +145,7 @@ class Store:
                 error=b("error", type_=e.c.error.type),
                 lease_expires_at=None,
                 finished_at=b("now", type_=e.c.finished_at.type),
+                retain_until=b("retain_until", type_=e.c.retain_until.type),
             )
         )
         self._mark_unknown = (
@@ -430,6 +431,67 @@ class Store:
         )
         return Work(((stmt, {}),), "row", True, "inbound")
 
+    def effects(
+        self,
+        *,
+        workflow_id: str | None = None,
+        tool: str | None = None,
+        status: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+    ) -> Work:
+        """Effects matching every given filter (created in [since, until)), oldest first."""
+        e = self.tables.effects
+        stmt = select(e).order_by(e.c.created_at, e.c.key)
+        if workflow_id is not None:
+            stmt = stmt.where(e.c.workflow_id == workflow_id)
+        if tool is not None:
+            stmt = stmt.where(e.c.tool == tool)
+        if status is not None:
+            stmt = stmt.where(e.c.status == status)
+        if since is not None:
+            stmt = stmt.where(e.c.created_at >= since)
+        if until is not None:
+            stmt = stmt.where(e.c.created_at < until)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return Work(((stmt, {}),), "rows", False, "effects")
+
+    def events_for_keys(self, keys: Sequence[str]) -> Work:
+        """The audit events of these keys, oldest first."""
+        ev = self.tables.events
+        stmt = select(ev).where(ev.c.key.in_(list(keys))).order_by(ev.c.id)
+        return Work(((stmt, {}),), "rows", False, "events")
+
+    def prunable(self, *, now: datetime, finished_before: datetime | None, limit: int) -> Work:
+        """Settled effects past their retention (or finished before the cutoff), to delete."""
+        e = self.tables.effects
+        due = e.c.retain_until <= now
+        if finished_before is not None:
+            due = or_(due, e.c.finished_at < finished_before)
+        stmt = (
+            select(e.c.key)
+            .where(e.c.status.in_([Status.SUCCEEDED.value, Status.FAILED.value]), due)
+            .order_by(e.c.finished_at)
+            .limit(limit)
+        )
+        return Work(((stmt, {}),), "rows", False, "prune")
+
+    def delete_keys(self, keys: Sequence[str]) -> Work:
+        """Delete effects (still settled), their events and their approvals, in one transaction."""
+        t = self.tables
+        keys = list(keys)
+        settled = [Status.SUCCEEDED.value, Status.FAILED.value]
+        return Work(
+            (
+                (delete(t.effects).where(t.effects.c.key.in_(keys), t.effects.c.status.in_(settled)), {}),
+                (delete(t.events).where(t.events.c.key.in_(keys)), {}),
+                (delete(t.approvals).where(t.approvals.c.key.in_(keys)), {}),
+            ),
+            label="prune",
+        )
+
     def forget_inbound(self, *, message_id: str) -> Work:
         """Drop a recorded inbound id (its processing failed before deciding anything)."""
         ib = self.tables.inbound
@@ -518,10 +580,12 @@ class Store:
         result_repr: str | None = None,
         error: Mapping[str, Any] | None = None,
         detail: Mapping[str, Any] | None = None,
+        retain_until: datetime | None = None,
     ) -> Work:
         """Record the outcome of our own attempt, fenced on owner and attempt, with its audit row."""
         status = transition(Status.RUNNING, event)
         params = {
+            "retain_until": retain_until,
             "key": key,
             "owner": owner,
             "attempt": attempt,

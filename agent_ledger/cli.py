@@ -1,7 +1,7 @@
-"""The ``agent-ledger`` command.
+"""The agent-ledger command: inspect and settle an agent_ledger database.
 
 Exit codes: 0 success, 1 the command ran and found a problem (e.g. the demo saw a double execution, a
-key does not exist), 2 usage or configuration error, 3 database error.
+key does not exist, a decision was refused), 2 usage or configuration error, 3 database error.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ._ledger import Ledger
+from ._models import Status
 from .errors import ConfigurationError, LedgerError, StorageError
 
 __all__ = ["main"]
@@ -75,6 +77,20 @@ def _parser() -> argparse.ArgumentParser:
         ap.add_argument("--reason", required=action == "reject", help="why (audited; shown to the agent)")
         _url_option(ap)
 
+    prune = sub.add_parser("prune", help="delete settled records past their retention or older than a cutoff")
+    prune.add_argument("--older-than", type=_duration, help="e.g. 30d, 12h, 15m, 90s (else: per-tool retention only)")
+    prune.add_argument("--json", action="store_true", help="print the count as JSON")
+    _url_option(prune)
+
+    export = sub.add_parser("export", help="effects with their audit events as JSON lines")
+    export.add_argument("--workflow", help="only this workflow")
+    export.add_argument("--tool", help="only this tool")
+    export.add_argument("--status", choices=[s.value for s in Status], help="only this status")
+    export.add_argument("--since", type=_when, help="created at or after (ISO 8601, e.g. 2026-11-01T00:00Z)")
+    export.add_argument("--until", type=_when, help="created before (ISO 8601)")
+    export.add_argument("--output", "-o", help="file to write (default: stdout)")
+    _url_option(export)
+
     rec = sub.add_parser("recover", help="settle effects whose worker died (expired leases) as unknown")
     rec.add_argument("--batch-size", type=int, default=100, help="rows locked per transaction (default: 100)")
     rec.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -91,6 +107,35 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--force", action="store_true", help="also settle a running effect with a live lease")
     _url_option(res)
     return parser
+
+
+def _duration(text: str) -> timedelta:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    try:
+        number, unit = float(text[:-1]), text[-1]
+        return timedelta(seconds=number * units[unit])
+    except (ValueError, KeyError, IndexError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d, 12h, 15m or 90s") from None
+
+
+def _when(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _export(ns: argparse.Namespace) -> int:
+    filters = {"workflow_id": ns.workflow, "tool": ns.tool, "status": ns.status, "since": ns.since, "until": ns.until}
+    with _ledger(ns) as ledger:
+        if ns.output:
+            with open(ns.output, "w", encoding="utf-8") as out:
+                n = ledger.export(out, **filters)
+            print(f"exported {n} effect(s) to {ns.output}", file=sys.stderr)
+        else:
+            ledger.export(sys.stdout, **filters)
+    return 0
 
 
 def _history(ns: argparse.Namespace) -> int:
@@ -191,6 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _show(ns)
         if ns.command == "resolve":
             return _resolve(ns)
+        if ns.command == "prune":
+            with _ledger(ns) as ledger:
+                n = ledger.prune(older_than=ns.older_than)
+            print(json.dumps({"deleted": n}) if ns.json else f"deleted {n} settled effect(s)")
+            return 0
+        if ns.command == "export":
+            return _export(ns)
         if ns.command == "approvals":
             return _approvals(ns)
         if ns.command == "recover":

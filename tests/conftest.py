@@ -30,6 +30,8 @@ from psycopg import sql
 from pytest_postgresql import factories
 from pytest_postgresql.executors import NoopExecutor
 
+pytest_plugins = ["pytester"]
+
 try:  # repo root importable (python -m pytest, editable install, or tests/ is a package)
     from tests._pgserver import PgServer, PgServerError
 except ImportError:  # plain `pytest` with rootdir-conftest: tests/ itself is on sys.path
