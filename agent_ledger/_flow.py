@@ -281,7 +281,26 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
     request = Request(plan.key, plan.payload_hash, plan.args, plan.policy)
     began = time.monotonic()
     delay = 0.002
-    found = yield Db(store.load(plan.key))
+    if plan.approval is None:
+        # Look the key up and, when absent, claim it in the same unit of work: a replay costs one read,
+        # a new call one read and the claim on the same pooled connection.
+        now = utcnow()
+        found = yield Db(
+            store.claim_or_load(
+                key=plan.key,
+                workflow_id=plan.workflow_id,
+                tool=plan.tool,
+                payload_hash=plan.payload_hash,
+                args=plan.args,
+                owner=plan.owner,
+                lease_expires_at=now + timedelta(seconds=plan.lease),
+                now=now,
+            )
+        )
+        if found is not None and found.pop("claimed"):
+            return (yield from _run_claimed(plan, 1, False))
+    else:
+        found = yield Db(store.load(plan.key))
     while True:
         row = row_from_mapping(found) if found is not None else None
         now = utcnow()

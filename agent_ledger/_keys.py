@@ -11,8 +11,10 @@ import base64
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import hashlib
 import hmac
+import json
 import math
 import uuid
 from collections.abc import Mapping
@@ -30,7 +32,9 @@ __all__ = [
     "canonical",
     "compute_key",
     "diff_fields",
+    "key_from_canonical",
     "normalise",
+    "payload_from_canonical",
     "payload_hash",
     "redacted",
 ]
@@ -108,26 +112,76 @@ def normalise(value: Any, path: str = "args") -> Any:
     )
 
 
+def _plain(value: Any) -> bool:
+    """True when ``json.dumps`` is already RFC 8785 for this value: no floats (ECMAScript number
+    formatting differs) and ASCII object keys (UTF-16 and code-point sort orders agree on them)."""
+    if isinstance(value, str) or value is None or isinstance(value, (bool, int)):
+        return not isinstance(value, float)
+    if isinstance(value, dict):
+        return all(k.isascii() and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return False
+
+
 def canonical(value: Any) -> bytes:
-    """RFC 8785 canonical JSON bytes of an already-normalised value."""
+    """RFC 8785 canonical JSON bytes of an already-normalised value.
+
+    Values without floats and with ASCII keys take the C JSON encoder, whose output is the same bytes
+    (same escapes, sorted keys, no spaces); everything else goes through ``rfc8785``. A property test
+    checks the two agree.
+    """
+    if _plain(value):
+        try:
+            return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: let rfc8785 decide
+            pass
     try:
         return rfc8785.dumps(value)
     except rfc8785.CanonicalizationError as exc:  # pragma: no cover - normalise() prevents these
         raise InvalidArguments(f"arguments cannot be canonicalised: {exc}") from exc
 
 
-def _digest(value: Any) -> str:
-    return f"v{KEY_VERSION}:" + hashlib.sha256(canonical(value)).hexdigest()
+def _hex(data: bytes) -> str:
+    return f"v{KEY_VERSION}:" + hashlib.sha256(data).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_name(name: str) -> bytes:
+    """Canonical JSON of a workflow id or tool name (cached: every call of a workflow repeats them)."""
+    return canonical(name)
+
+
+def key_from_canonical(workflow_id: str, tool: str, key_args: bytes) -> str:
+    """``compute_key`` from the canonical bytes of the (key) arguments, computed once by the caller.
+
+    RFC 8785 sorts members by name, so the envelope ``{"args", "tool", "v", "workflow_id"}`` can be
+    assembled around bytes already canonical: the result is byte for byte ``canonical({...})``.
+    """
+    return _hex(
+        b'{"args":'
+        + key_args
+        + b',"tool":'
+        + canonical(tool)
+        + b',"v":1,"workflow_id":'
+        + canonical(workflow_id)
+        + b"}"
+    )
+
+
+def payload_from_canonical(tool: str, args: bytes) -> str:
+    """``payload_hash`` from the canonical bytes of the full arguments."""
+    return _hex(b'{"args":' + args + b',"tool":' + _canonical_name(tool) + b',"v":1}')
 
 
 def compute_key(workflow_id: str, tool: str, key_args: Mapping[str, Any]) -> str:
     """The deterministic key of a call: versioned SHA-256 of workflow id, tool and (normalised) args."""
-    return _digest({"v": KEY_VERSION, "workflow_id": workflow_id, "tool": tool, "args": key_args})
+    return _hex(canonical({"v": KEY_VERSION, "workflow_id": workflow_id, "tool": tool, "args": key_args}))
 
 
 def payload_hash(tool: str, args: Mapping[str, Any]) -> str:
     """Hash of the full normalised payload (tool + all args); approvals and mismatches compare it."""
-    return _digest({"v": KEY_VERSION, "tool": tool, "args": args})
+    return _hex(canonical({"v": KEY_VERSION, "tool": tool, "args": args}))
 
 
 def redacted(value: Any, key: bytes | None = None) -> dict[str, str]:

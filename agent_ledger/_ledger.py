@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -10,6 +11,7 @@ import inspect
 import os
 import sys
 import typing
+import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -287,19 +289,58 @@ def _names(value: Iterable[str] | None, what: str) -> tuple[str, ...]:
     return names
 
 
+_DEFAULT_OPTIONS = _Options.build({})
 STEP_TOOL = "agent_ledger.step"
 # Steps key on their position only (the name is checked as the payload); a model call has no side
 # effect to protect, so a crashed step is simply asked again.
 _STEP_OPTIONS = _Options.build({"key": ["position"], "on_crash": "retry"})
 
 
-def _wants_effect(fn: Callable[..., Any]) -> bool:
+_signatures: weakref.WeakKeyDictionary[Any, tuple[inspect.Signature | None, bool]] = weakref.WeakKeyDictionary()
+
+
+def _handler_signature(fn: Callable[..., Any]) -> tuple[inspect.Signature | None, bool]:
+    """(signature or None, whether it takes ``effect``), cached per handler: run() is a hot path."""
     try:
-        params = inspect.signature(fn).parameters
+        return _signatures[fn]
+    except (KeyError, TypeError):
+        pass
+    try:
+        sig: inspect.Signature | None = inspect.signature(fn)
     except (TypeError, ValueError):
-        return False
-    p = params.get("effect")
-    return p is not None and p.kind is not inspect.Parameter.POSITIONAL_ONLY
+        sig = None
+    p = sig.parameters.get("effect") if sig is not None else None
+    found = (sig, p is not None and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+    with contextlib.suppress(TypeError):  # not every callable can be weakly referenced
+        _signatures[fn] = found
+    return found
+
+
+class _Fits:
+    """Remembers (handler, argument names) that bind (bounded; a binding check is pure)."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._seen: dict[tuple[Any, ...], None] = {}
+        self._limit = limit
+
+    def __contains__(self, item: tuple[Any, ...]) -> bool:
+        try:
+            return item in self._seen
+        except TypeError:  # an unhashable handler
+            return False
+
+    def add(self, item: tuple[Any, ...]) -> None:
+        with contextlib.suppress(TypeError):
+            if len(self._seen) >= self._limit:
+                self._seen.clear()
+            self._seen[item] = None
+
+
+_fits = _Fits()
+
+
+def _wants_effect(fn: Callable[..., Any]) -> bool:
+    return _handler_signature(fn)[1]
 
 
 def _is_async(fn: Any) -> bool:
@@ -401,12 +442,28 @@ class Ledger:
     # -- planning --------------------------------------------------------------------------
 
     def _execute(self, plan: Plan) -> Any:
-        with self._telemetry.call(plan) as seen:
-            return self._rt.run_sync(execute(plan), seen)
+        seen = self._telemetry.begin(plan)
+        if seen is None:
+            return self._rt.run_sync(execute(plan))
+        try:
+            result = self._rt.run_sync(execute(plan), seen)
+        except BaseException as e:
+            seen.end(e)
+            raise
+        seen.end(None)
+        return result
 
     async def _aexecute(self, plan: Plan) -> Any:
-        with self._telemetry.call(plan) as seen:
-            return await self._rt.run_async(execute(plan), seen)
+        seen = self._telemetry.begin(plan)
+        if seen is None:
+            return await self._rt.run_async(execute(plan))
+        try:
+            result = await self._rt.run_async(execute(plan), seen)
+        except BaseException as e:
+            seen.end(e)
+            raise
+        seen.end(None)
+        return result
 
     def _plan(
         self,
@@ -419,7 +476,8 @@ class Ledger:
         decode: Callable[[Any], Any] | None,
     ) -> Plan:
         normalised = _keys.normalise(dict(args), "args")
-        size = len(_keys.canonical(normalised))
+        canonical_args = _keys.canonical(normalised)  # once: the key and the payload hash reuse it
+        size = len(canonical_args)
         if size > self.max_args_bytes:
             raise InvalidArguments(
                 f"arguments of tool {tool!r} are {size} bytes as canonical JSON, over the limit of "
@@ -434,9 +492,9 @@ class Ledger:
                     f"tool {tool!r} keys on {list(options.key)} but the call has no argument(s) {missing}",
                     path="args",
                 )
-            key_args = {k: normalised[k] for k in options.key}
+            key_bytes = _keys.canonical({k: normalised[k] for k in options.key})
         else:
-            key_args = normalised
+            key_bytes = canonical_args
         stored = normalised
         if options.redact:
             stored = {
@@ -444,12 +502,12 @@ class Ledger:
             }
         return Plan(
             store=self._rt.store,
-            key=_keys.compute_key(workflow_id, tool, key_args),
+            key=_keys.key_from_canonical(workflow_id, tool, key_bytes),
             workflow_id=workflow_id,
             tool=tool,
             args=stored,
             call_args=dict(args),
-            payload_hash=_keys.payload_hash(tool, normalised),
+            payload_hash=_keys.payload_from_canonical(tool, canonical_args),
             invoke=invoke,
             policy=options.policy,
             owner=self.owner,
@@ -516,26 +574,23 @@ class Ledger:
     def _call_plan(self, call: Any, handler: Callable[..., Any], raw: CallOptions) -> Plan:
         if not callable(handler):
             raise InvalidArguments(f"handler must be callable, not {handler!r}")
-        options = _Options.build(raw)
+        options = _Options.build(raw) if raw else _DEFAULT_OPTIONS
         if not isinstance(call, ToolCall):
             call = self._from_sdk(call, handler)
         args = dict(call.args)
-        wants = _wants_effect(handler)
+        sig, wants = _handler_signature(handler)
         if "effect" in args and wants:
             raise InvalidArguments(
                 f"tool {call.tool!r}: the argument name 'effect' is reserved for the Effect the handler receives"
             )
-        try:
-            sig = inspect.signature(handler)
-        except (TypeError, ValueError):
-            sig = None
-        if sig is not None:
+        if sig is not None and (handler, *args) not in _fits:
             try:
                 sig.bind(**args, **({"effect": None} if wants else {}))
             except TypeError as e:
                 raise InvalidArguments(
                     f"arguments {sorted(args)} do not fit handler {getattr(handler, '__qualname__', handler)!r}: {e}"
                 ) from e
+            _fits.add((handler, *args))
 
         def invoke(effect: Effect) -> Any:
             return handler(**args, effect=effect) if wants else handler(**args)
@@ -958,7 +1013,7 @@ class Ledger:
     def effect(self, key: str) -> EffectRecord | None:
         """The stored effect of ``key`` with its audit events, or None."""
         self._rt.flush()
-        found = self._rt.do(self._rt.store.load(key))
+        found = self._rt.do(self._rt.store.load_record(key))
         if found is None:
             return None
         events = self._rt.do(self._rt.store.events_for_key(key))
@@ -971,8 +1026,14 @@ class Ledger:
             raise InvalidArguments("events() takes exactly one of workflow_id=... or key=...")
         self._rt.flush()
         store = self._rt.store
-        work = store.events_for_workflow(workflow_id) if workflow_id is not None else store.events_for_key(str(key))
-        return [AuditEvent.model_validate(dict(e)) for e in self._rt.do(work)]
+        if workflow_id is not None:
+            stored = self._rt.do(store.events_for_workflow(workflow_id))
+            rows = self._rt.do(store.effects_for_workflow(workflow_id))
+        else:
+            stored = self._rt.do(store.events_for_key(str(key)))
+            found = self._rt.do(store.load_record(str(key)))
+            rows = [found] if found is not None else []
+        return _merged([AuditEvent.model_validate(dict(e)) for e in stored], rows)
 
     def effects(
         self,
@@ -1068,7 +1129,7 @@ class Ledger:
             raise InvalidArguments("resolve takes exactly one of result=..., error=... or retry=True")
         if not isinstance(by, str) or not by:
             raise InvalidArguments("resolve needs by='<who decided>' for the audit trail")
-        found = self._rt.do(self._rt.store.load(key))
+        found = self._rt.do(self._rt.store.load_record(key))
         if found is None:
             raise LedgerError(f"no effect with key {key!r}")
         row = row_from_mapping(found)
@@ -1113,7 +1174,42 @@ async def _awaited(value: Any) -> Any:
     return await value
 
 
+def _success_event(m: Mapping[str, Any]) -> AuditEvent | None:
+    """The "succeeded" audit event of an effect, read from its row (its durable execution record).
+
+    A success is not written twice: the completion statement that marks the row succeeded is the
+    record, and ``succeeded`` is terminal. Resolutions by hand have their own ``resolved`` event.
+    """
+    if m["status"] != Status.SUCCEEDED.value or m["owner"] is None or m["finished_at"] is None:
+        return None
+    detail: dict[str, Any] = {}
+    if m["started_at"] is not None:
+        detail["duration_ms"] = round((m["finished_at"] - m["started_at"]).total_seconds() * 1000, 3)
+    if m["result_replayable"] is False:
+        detail["not_replayable"] = True
+    return AuditEvent(
+        id=0,
+        key=m["key"],
+        workflow_id=m["workflow_id"],
+        tool=m["tool"],
+        kind="succeeded",
+        attempt=m["attempt"],
+        owner=m["owner"],
+        at=m["finished_at"],
+        detail=detail,
+    )
+
+
+def _merged(events: list[AuditEvent], rows: Iterable[Mapping[str, Any]]) -> list[AuditEvent]:
+    """Stored events plus the success events read from effect rows, in time order (stable)."""
+    extra = [ev for m in rows if (ev := _success_event(m)) is not None]
+    if not extra:
+        return events
+    return sorted([*events, *extra], key=lambda e: e.at)
+
+
 def _record(m: Mapping[str, Any], events: list[AuditEvent]) -> EffectRecord:
+    events = _merged(events, [m])
     error = m["error"]
     return EffectRecord(
         key=m["key"],
@@ -1132,7 +1228,7 @@ def _record(m: Mapping[str, Any], events: list[AuditEvent]) -> EffectRecord:
         created_at=m["created_at"],
         started_at=m["started_at"],
         finished_at=m["finished_at"],
-        replays=sum(1 for e in events if e.kind == "replayed"),
+        replays=sum(int((e.detail or {}).get("count", 1)) for e in events if e.kind == "replayed"),
         events=events,
     )
 

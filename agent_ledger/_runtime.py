@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import inspect
 import logging
@@ -23,6 +24,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, exc, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from ._fast import AsyncPool, Hot, SyncPool, install_idle_ping
 from ._flow import Beat, Db, Invoke, Notify, Op, Replayed, Sleep, StopBeat, utcnow
 from ._models import approval_from_row
 from ._schema import Tables
@@ -160,6 +162,10 @@ class Runtime:
         self.auto_migrate = (self.dialect == "sqlite") if auto_migrate is None else auto_migrate
         self._engine_options = dict(engine_options or {})
         self._engine: Engine | None = None
+        self._hot: Hot | None = None
+        self._spool: SyncPool | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncPool] = weakref.WeakKeyDictionary()
         self._aengines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._schema_lock = threading.Lock()
@@ -177,8 +183,6 @@ class Runtime:
             opts["connect_args"] = {"timeout": 30}
             if not is_async:
                 opts["connect_args"]["check_same_thread"] = False
-        else:
-            opts["pool_pre_ping"] = True
         opts.update(self._engine_options)
         return opts
 
@@ -191,8 +195,46 @@ class Runtime:
                     eng = create_engine(self.sync_url, **self._options(is_async=False))
                     if self.dialect == "sqlite":
                         _sqlite_events(eng)
+                    else:
+                        install_idle_ping(eng)
+                    self._hot = Hot(self.store, eng.dialect)
                     self._engine = eng
         return self._engine
+
+    @property
+    def hot(self) -> Hot:
+        """The prebuilt hot statements (compiled for the sync dialect; the async drivers take the same SQL)."""
+        if self._hot is None:
+            self.engine  # noqa: B018 - creating the engine builds them
+        assert self._hot is not None
+        return self._hot
+
+    def _driver_target(self) -> str:
+        url = make_url(self.sync_url)
+        if self.dialect == "postgresql":
+            return url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return str(url.database)
+
+    def _sqlite_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="agent-ledger-sqlite")
+        return self._executor
+
+    def _pool(self) -> SyncPool:
+        if self._spool is None:
+            with self._lock:
+                if self._spool is None:
+                    self._spool = SyncPool(self.dialect, self._driver_target())
+        return self._spool
+
+    def _apool(self) -> AsyncPool:
+        loop = asyncio.get_running_loop()
+        pool = self._apools.get(loop)
+        if pool is None:
+            pool = self._apools[loop] = AsyncPool(self.dialect, self._driver_target())
+        return pool
 
     @property
     def aengine(self) -> AsyncEngine:
@@ -203,6 +245,8 @@ class Runtime:
             eng = create_async_engine(self.async_url, **self._options(is_async=True))
             if self.dialect == "sqlite":
                 _sqlite_events(eng.sync_engine)
+            else:
+                install_idle_ping(eng.sync_engine)
             self._aengines[loop] = eng
         return eng
 
@@ -282,6 +326,9 @@ class Runtime:
     def do(self, work: Work) -> Any:
         """Run one unit of work on the sync engine, in one transaction."""
         self.ensure_schema()
+        if work.fast is not None:
+            with _mapped(work.label):
+                return self.hot.run(self._pool(), work)
         with _mapped(work.label), self.engine.connect() as conn:
             if not work.write:
                 conn.execution_options(agent_ledger_read=True)
@@ -316,6 +363,14 @@ class Runtime:
     async def ado(self, work: Work) -> Any:
         """Run one unit of work on the async engine, in one transaction."""
         await self.aensure_schema()
+        if work.fast is not None:
+            with _mapped(work.label):
+                if self.dialect == "sqlite":
+                    # SQLite has no asynchronous I/O (aiosqlite is a thread too): run the whole unit of
+                    # work in one hop to a worker thread instead of one hop per statement.
+                    loop = asyncio.get_running_loop()
+                    return await loop.run_in_executor(self._sqlite_executor(), self.hot.run, self._pool(), work)
+                return await self.hot.arun(self._apool(), work)
         with _mapped(work.label):
             async with self.aengine.connect() as conn:
                 if not work.write:
@@ -506,6 +561,10 @@ class Runtime:
             self._heartbeats.close()
         if self._engine is not None:
             self._engine.dispose()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+        if self._spool is not None:
+            self._spool.close()
 
     async def aclose(self) -> None:
         """``close()`` plus disposing the async engine."""
@@ -514,12 +573,18 @@ class Runtime:
         eng = self._aengines.pop(loop, None)
         if eng is not None:
             await eng.dispose()
+        pool = self._apools.pop(loop, None)
+        if pool is not None:
+            await pool.close()
 
     def after_fork(self) -> None:
         """In a forked child: drop inherited connections and threads (they belong to the parent)."""
         if self._engine is not None:
             self._engine.dispose(close=False)
+        self._spool = None  # the parent's connections stay the parent's
+        self._executor = None
         self._aengines = weakref.WeakKeyDictionary()
+        self._apools = weakref.WeakKeyDictionary()
         self._heartbeats = None
         self._replays = _ReplayBuffer(self)
         self._lock = threading.Lock()
@@ -580,14 +645,17 @@ class _Heartbeats:
         self._beats: dict[int, tuple[Beat, float]] = {}
         self._next = 0
         self._stopped = False
+        self._wake_at = 0.0  # when the thread will look next; a beat due later needs no wake-up
         self._thread = threading.Thread(target=self._loop, name="agent-ledger-heartbeat", daemon=True)
         self._thread.start()
 
     def start(self, op: Beat) -> int:
+        due = time.monotonic() + op.lease / 3
         with self._cond:
             self._next += 1
-            self._beats[self._next] = (op, time.monotonic() + op.lease / 3)
-            self._cond.notify()
+            self._beats[self._next] = (op, due)
+            if due < self._wake_at:  # only wake the thread when it would otherwise look too late
+                self._cond.notify()
             return self._next
 
     def stop(self, handle: int) -> None:
@@ -609,8 +677,10 @@ class _Heartbeats:
                 for h, op in due:
                     self._beats[h] = (op, now + op.lease / 3)
                 if not due:
-                    nxt = min((at for _, at in self._beats.values()), default=now + 60)
-                    self._cond.wait(max(0.0, nxt - now))
+                    # Look at least every second, so most new beats (due lease/3 from now) need no notify.
+                    nxt = min((at for _, at in self._beats.values()), default=now + 1.0)
+                    self._wake_at = min(nxt, now + 1.0)
+                    self._cond.wait(max(0.0, self._wake_at - now))
                     continue
             for h, op in due:
                 self._beat(h, op)
@@ -656,11 +726,22 @@ class _ReplayBuffer:
     def flush(self) -> None:
         with self._lock:
             items, self._items = self._items, []
-        if items:
-            try:
-                self._rt.do(self._rt.store.events(items))
-            except StorageError as e:
-                log.warning("could not record %d replays: %s", len(items), e)
+        if not items:
+            return
+        # One audit row per key and flush, counting its replays: a key replayed in a tight retry loop
+        # costs one row, not one per retry.
+        rows: dict[str, dict[str, Any]] = {}
+        for item in items:
+            row = rows.get(item["key"])
+            if row is None:
+                rows[item["key"]] = {**item, "detail": {**(item["detail"] or {}), "count": 1}}
+            else:
+                row["detail"]["count"] += 1
+                row["at"] = item["at"]
+        try:
+            self._rt.do(self._rt.store.events(list(rows.values())))
+        except StorageError as e:
+            log.warning("could not record %d replays: %s", len(items), e)
 
     def close(self) -> None:
         self._closed = True

@@ -38,6 +38,8 @@ class Work:
     returns: Returns = "rowcount"
     write: bool = True
     label: str = field(default="", compare=False)
+    fast: str | None = None
+    """Set on the hot units (``load``, ``claim``, ``claim_or_load``, ``finish``): run by ``_fast.Hot``."""
     all_or_nothing: bool = False
     """Every later step must change a row too, or the whole transaction rolls back (nothing matched)."""
 
@@ -82,23 +84,21 @@ class Store:
         self._load = select(e).where(e.c.key == b("key"))
 
         ins = postgresql.insert(e) if dialect == "postgresql" else sqlite.insert(e)
-        self._claim_new = (
-            ins.values(
-                key=b("key"),
-                workflow_id=b("workflow_id"),
-                tool=b("tool"),
-                status=literal(transition(None, "claim").value),
-                attempt=literal(1),
-                payload_hash=b("payload_hash"),
-                args=b("args", type_=e.c.args.type),
-                owner=b("owner"),
-                lease_expires_at=b("lease_expires_at", type_=e.c.lease_expires_at.type),
-                created_at=b("now", type_=e.c.created_at.type),
-                started_at=b("now", type_=e.c.started_at.type),
-            )
-            .on_conflict_do_nothing(index_elements=[e.c.key])
-            .returning(e.c.attempt)
-        )
+        base_claim = ins.values(
+            key=b("key"),
+            workflow_id=b("workflow_id"),
+            tool=b("tool"),
+            status=literal(transition(None, "claim").value),
+            attempt=literal(1),
+            payload_hash=b("payload_hash"),
+            args=b("args", type_=e.c.args.type),
+            owner=b("owner"),
+            lease_expires_at=b("lease_expires_at", type_=e.c.lease_expires_at.type),
+            created_at=b("now", type_=e.c.created_at.type),
+            started_at=b("now", type_=e.c.started_at.type),
+        ).on_conflict_do_nothing(index_elements=[e.c.key])
+        self._claim_new = base_claim.returning(e.c.attempt)
+        self._claim_new_returning_row = base_claim.returning(*e.c)
 
         # A new claim of an existing key: fenced on the status and attempt that were observed, and for
         # a running row on the observed lease too, so a heartbeat that lands first wins the race.
@@ -257,6 +257,10 @@ class Store:
 
     def load(self, key: str) -> Work:
         """The stored row of ``key`` (or None)."""
+        return Work(((self._load, _p({"key": key})),), returns="row", write=False, label="load", fast="load")
+
+    def load_record(self, key: str) -> Work:
+        """The stored row of ``key`` with every column converted (for audit and admin reads)."""
         return Work(((self._load, _p({"key": key})),), returns="row", write=False, label="load")
 
     def effects_for_workflow(self, workflow_id: str) -> Work:
@@ -522,7 +526,16 @@ class Store:
             "lease_expires_at": lease_expires_at,
             "now": now,
         }
-        return Work(((self._claim_new, _p(params)),), returns="row", label="claim")
+        return Work(((self._claim_new, _p(params)),), returns="row", label="claim", fast="claim")
+
+    def claim_or_load(self, **kwargs: Any) -> Work:
+        """Return the stored row of the key, or claim the key as ``claim_new`` would when it is absent.
+
+        The result has ``claimed`` (True: we won the claim; False: the stored row follows), or is None
+        when a concurrent claim won in between (look again).
+        """
+        work = self.claim_new(**kwargs)
+        return Work(work.steps, "row", True, "claim", fast="claim_or_load")
 
     def claim_again(
         self,
@@ -596,8 +609,12 @@ class Store:
             "error": error,
             "now": now,
         }
+        if event == "succeed":
+            # The effect row is the execution record of a success (succeeded is terminal, so nothing
+            # overwrites it); history() shows it as a "succeeded" event. One write per call, not two.
+            return Work(((self._complete, _p(params)),), label=event, fast="finish")
         audit = self._event_params(key, workflow_id, tool, status.value, attempt, owner, now, dict(detail or {}))
-        return Work(((self._complete, _p(params)), (self._event, _p(audit))), label=event)
+        return Work(((self._complete, _p(params)), (self._event, _p(audit))), label=event, fast="finish")
 
     def mark_unknown(self, *, row: Row, now: datetime, by: str, detail: Mapping[str, Any]) -> Work:
         """Record that the observed attempt's outcome is unknown (its owner died or its lease ran out)."""
@@ -675,7 +692,7 @@ class Store:
 
     def events(self, rows: Sequence[Mapping[str, Any]]) -> Work:
         """Append many audit rows at once (batched replay records)."""
-        return Work(((self._event, [_p(r) for r in rows]),), label="events")
+        return Work(((self._event, [_p(r) for r in rows]),), label="events", fast="events")
 
     @staticmethod
     def _event_params(

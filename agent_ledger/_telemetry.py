@@ -1,13 +1,13 @@
-"""Observability: an OpenTelemetry span per call (when ``opentelemetry-api`` is installed) and a
-structured log record per call on the ``agent_ledger`` logger (fields under ``record.agent_ledger``)."""
+"""Observability: an OpenTelemetry span per call (when ``opentelemetry-api`` is installed and a tracer
+provider is configured) and a structured log record per call on the ``agent_ledger`` logger (fields
+under ``record.agent_ledger``: INFO for executions and failures, DEBUG for replays). When neither is
+enabled, a call pays one logger-level check and nothing else."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._flow import Invoke, Op, Plan, Replayed
@@ -16,11 +16,19 @@ __all__ = ["CallObserver", "Telemetry"]
 
 log = logging.getLogger("agent_ledger")
 
+try:
+    from opentelemetry import trace as _otel
+except ImportError:  # the optional extra is not installed
+    _otel = None  # type: ignore[assignment]
+
 
 @dataclass
 class CallObserver:
-    """What a driver saw while carrying out one call."""
+    """What a driver saw while carrying out one call, and the span around it."""
 
+    plan: Plan
+    span: Any = None
+    started: float = field(default_factory=time.perf_counter)
     attempt: int | None = None
     executed: bool = False
     replayed: bool = False
@@ -34,51 +42,58 @@ class CallObserver:
             self.replayed = True
             self.attempt = op.event.get("attempt")
 
+    def end(self, error: BaseException | None) -> None:
+        """Close the span and write the log record."""
+        plan = self.plan
+        outcome = (
+            f"raised {type(error).__name__}" if error is not None else ("replayed" if self.replayed else "executed")
+        )
+        fields = {
+            "key": plan.key,
+            "tool": plan.tool,
+            "workflow_id": plan.workflow_id,
+            "outcome": outcome,
+            "attempt": self.attempt,
+            "replay": self.replayed,
+            "executed": self.executed,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
+        }
+        span = self.span
+        if span is not None:
+            for name, value in fields.items():
+                if value is not None:
+                    span.set_attribute(f"agent_ledger.{name}", value)
+            if error is not None:
+                span.record_exception(error)
+                span.set_status(_otel.Status(_otel.StatusCode.ERROR, str(error)))
+            span.end()
+        level = logging.DEBUG if self.replayed else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "%s %s (%s)", plan.tool, outcome, plan.key, extra={"agent_ledger": fields})
+
 
 class Telemetry:
-    """Spans and log records for calls."""
+    """Starts observers for calls."""
 
     def __init__(self, tracer_provider: Any = None) -> None:
-        try:
-            from opentelemetry import trace
-        except ImportError:  # the optional extra is not installed
-            self._tracer: Any = None
-        else:
-            self._tracer = trace.get_tracer("agent_ledger", tracer_provider=tracer_provider)
+        self._provider = tracer_provider
+        self._tracers: dict[int, Any] = {}
 
-    @contextlib.contextmanager
-    def call(self, plan: Plan) -> Iterator[CallObserver]:
-        """Observe one call: a span around it and a log record after it."""
-        seen = CallObserver()
-        span_cm = (
-            self._tracer.start_as_current_span(f"agent_ledger {plan.tool}", record_exception=True)
-            if self._tracer is not None
-            else contextlib.nullcontext()
-        )
-        started = time.perf_counter()
-        with span_cm as span:
-            outcome = "error"
-            try:
-                yield seen
-                outcome = "replayed" if seen.replayed else "executed"
-            except BaseException as exc:
-                outcome = f"raised {type(exc).__name__}"
-                raise
-            finally:
-                fields = {
-                    "key": plan.key,
-                    "tool": plan.tool,
-                    "workflow_id": plan.workflow_id,
-                    "outcome": outcome,
-                    "attempt": seen.attempt,
-                    "replay": seen.replayed,
-                    "executed": seen.executed,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                }
-                if span is not None:
-                    for name, value in fields.items():
-                        if value is not None:
-                            span.set_attribute(f"agent_ledger.{name}", value)
-                level = logging.DEBUG if seen.replayed else logging.INFO
-                if log.isEnabledFor(level):
-                    log.log(level, "%s %s (%s)", plan.tool, outcome, plan.key, extra={"agent_ledger": fields})
+    def _tracer(self) -> Any:
+        if _otel is None:
+            return None
+        provider = self._provider or _otel.get_tracer_provider()
+        if self._provider is None and type(provider).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
+            return None  # nothing would record the span: don't pay for it
+        tracer = self._tracers.get(id(provider))
+        if tracer is None:
+            tracer = self._tracers[id(provider)] = _otel.get_tracer("agent_ledger", tracer_provider=provider)
+        return tracer
+
+    def begin(self, plan: Plan) -> CallObserver | None:
+        """An observer for this call, or None when nothing would record it."""
+        tracer = self._tracer()
+        if tracer is None and not log.isEnabledFor(logging.INFO):
+            return None  # DEBUG implies INFO: one check covers both log levels
+        span = tracer.start_span(f"agent_ledger {plan.tool}") if tracer is not None else None
+        return CallObserver(plan, span)

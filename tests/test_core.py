@@ -54,7 +54,10 @@ def test_new_key_runs_once_then_replays(ledger: Ledger, make_ledger: Callable[..
     assert rec.created_at <= rec.started_at <= rec.finished_at  # type: ignore[operator]
     assert rec.replays == 11
     kinds = [e.kind for e in rec.events]
-    assert kinds.count("succeeded") == 1 and kinds.count("replayed") == 11
+    assert kinds.count("succeeded") == 1
+    # Replays are counted per key and flush (about one row per ledger here, however many retries).
+    replayed = [e for e in rec.events if e.kind == "replayed"]
+    assert sum((e.detail or {})["count"] for e in replayed) == 11 and 2 <= len(replayed) < 11
 
 
 def test_effect_is_passed_to_handlers_that_ask(ledger: Ledger) -> None:

@@ -122,3 +122,30 @@ def test_canonical_json_is_stable_under_normalisation(value: Any) -> None:
 @given(st.sets(st.integers(-1000, 1000) | st.text(max_size=4), max_size=8))
 def test_sets_key_the_same_in_any_order(items: set[Any]) -> None:
     assert canonical(normalise(items)) == canonical(normalise(set(reversed(list(items)))))
+
+
+@given(st.dictionaries(st.text(max_size=6), json_values, max_size=6), st.text(max_size=10), st.text(max_size=10))
+def test_envelope_from_canonical_bytes_is_the_same_key(args: dict[str, Any], workflow: str, tool: str) -> None:
+    from agent_ledger._keys import key_from_canonical, payload_from_canonical
+
+    norm = normalise(args)
+    assert key_from_canonical(workflow, tool, canonical(norm)) == compute_key(workflow, tool, norm)
+    assert payload_from_canonical(tool, canonical(norm)) == payload_hash(tool, norm)
+
+
+unicode_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=25,
+)
+
+
+@given(unicode_values)
+def test_fast_canonical_encoding_is_rfc8785(value: Any) -> None:
+    import rfc8785
+
+    try:
+        expected = rfc8785.dumps(value)
+    except Exception:
+        return  # values rfc8785 refuses are not produced by normalise()
+    assert canonical(value) == expected

@@ -1,0 +1,430 @@
+"""The hot path: the statements every call runs, prebuilt once and executed on pooled driver connections.
+
+SQLAlchemy compiles each hot statement of ``_store`` once (so the SQL still comes from the Core tables);
+this module runs the SQL strings directly on the DBAPI connection from SQLAlchemy's pool, applying the
+dialect's own bind and result processors, so values are stored exactly as the Core path stores them.
+Each hot state change is one autocommit statement on Postgres (a data-modifying CTE writes the outcome
+and its audit row together) and one ``BEGIN IMMEDIATE`` transaction on SQLite. A new call on Postgres
+looks the key up and claims it on the same pooled connection, in one unit of work.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Dialect, Engine, event, exc
+
+from ._store import Store, Work
+
+__all__ = ["AsyncPool", "Hot", "SyncPool", "install_idle_ping"]
+
+log = logging.getLogger("agent_ledger")
+
+IDLE_PING_AFTER = 2.0
+"""Seconds a pooled connection may sit unused before its next checkout pings it first."""
+
+
+def install_idle_ping(engine: Engine) -> None:
+    """Ping a pooled connection on checkout only if it sat idle: a busy pool pays no round trip, and a
+    connection that outlived a database restart is replaced before use instead of failing a call."""
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_conn: Any, record: Any) -> None:
+        record.info["agent_ledger_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("agent_ledger_idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_AFTER:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception:
+            alive = False
+        if not alive:
+            raise exc.DisconnectionError("idle pooled connection is gone (database restarted?)")
+
+
+@dataclass(frozen=True)
+class _Sql:
+    sql: str
+    defaults: Mapping[str, Any]
+    binds: Mapping[str, Callable[[Any], Any]]
+
+
+def _compile(stmt: Any, dialect: Dialect) -> _Sql:
+    # Named parameters on every driver (sqlite3 and aiosqlite take :name with a dict).
+    target: Any = dialect if dialect.name == "postgresql" else type(dialect)(paramstyle="named")  # type: ignore[call-arg]
+    compiled: Any = stmt.compile(dialect=target)
+    binds = {}
+    for name, bind in compiled.binds.items():
+        proc = bind.type._cached_bind_processor(dialect)
+        if proc is not None:
+            binds[name] = proc
+    defaults = dict(compiled.params)  # literal values of the statement (and None for ours, overridden)
+    return _Sql(compiled.string, defaults, binds)
+
+
+class SyncPool:
+    """Driver connections for the sync hot path: a plain stack under a lock (acquire/release cost about a
+    microsecond, where a full pool checkout costs several), pinging a connection only after it sat idle."""
+
+    def __init__(self, dialect: str, target: str, max_idle: int = 10) -> None:
+        self.dialect = dialect
+        self.target = target
+        self.max_idle = max_idle
+        self._idle: list[tuple[Any, float]] = []
+        self._lock = threading.Lock()
+        if dialect == "postgresql":
+            import psycopg
+
+            self.errors: tuple[type[Exception], ...] = (psycopg.Error,)
+        else:
+            self.errors = (sqlite3.Error,)
+
+    def is_disconnect(self, e: BaseException) -> bool:
+        """Whether the error means the connection is unusable."""
+        if self.dialect == "postgresql":
+            import psycopg
+
+            return isinstance(e, psycopg.OperationalError)
+        return False
+
+    def _connect(self) -> Any:
+        if self.dialect == "postgresql":
+            import psycopg
+
+            return psycopg.connect(self.target, autocommit=True)
+        conn = sqlite3.connect(self.target, timeout=30, isolation_level=None, check_same_thread=False)
+        for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA busy_timeout=30000", "PRAGMA synchronous=FULL"):
+            conn.execute(pragma)
+        return conn
+
+    def acquire(self) -> Any:
+        """An idle connection (pinged if it sat idle long), or a new one."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                conn, since = self._idle.pop()
+            if time.monotonic() - since < IDLE_PING_AFTER:
+                return conn
+            try:
+                conn.execute("SELECT 1").fetchone()
+                return conn
+            except Exception:
+                self._close(conn)
+        return self._connect()
+
+    def release(self, conn: Any, healthy: bool) -> None:
+        """Return a connection (or drop it if it failed or the pool is full)."""
+        if healthy:
+            with self._lock:
+                if len(self._idle) < self.max_idle:
+                    self._idle.append((conn, time.monotonic()))
+                    return
+        self._close(conn)
+
+    @staticmethod
+    def _close(conn: Any) -> None:
+        try:
+            conn.close()
+        except Exception:  # closing a broken connection must not hide the original error
+            log.debug("closing a broken connection failed", exc_info=True)
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            self._close(conn)
+
+
+class AsyncPool:
+    """Driver connections for the async hot path, one pool per event loop (they cannot cross loops).
+
+    SQLAlchemy's async pool costs a greenlet hop per checkout; the hot path only needs a connection in
+    autocommit mode, so it keeps its own few, pinging one only after it sat idle.
+    """
+
+    def __init__(self, dialect: str, target: str, max_idle: int = 10) -> None:
+        self.dialect = dialect
+        self.target = target
+        self.max_idle = max_idle
+        self._idle: list[tuple[Any, float]] = []
+        if dialect == "postgresql":
+            import psycopg
+
+            self.errors: tuple[type[Exception], ...] = (psycopg.Error,)
+        else:
+            import sqlite3
+
+            self.errors = (sqlite3.Error,)
+
+    def is_disconnect(self, e: BaseException) -> bool:
+        """Whether the error means the connection is unusable."""
+        if self.dialect == "postgresql":
+            import psycopg
+
+            return isinstance(e, psycopg.OperationalError)
+        return False
+
+    async def _connect(self) -> Any:
+        if self.dialect == "postgresql":
+            import psycopg
+
+            return await psycopg.AsyncConnection.connect(self.target, autocommit=True)
+        import aiosqlite
+
+        conn = await aiosqlite.connect(self.target, timeout=30, isolation_level=None)
+        for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA busy_timeout=30000", "PRAGMA synchronous=FULL"):
+            await conn.execute(pragma)
+        return conn
+
+    async def acquire(self) -> Any:
+        """An idle connection (pinged if it sat idle long), or a new one."""
+        while self._idle:
+            conn, since = self._idle.pop()
+            if time.monotonic() - since < IDLE_PING_AFTER:
+                return conn
+            try:
+                await conn.execute("SELECT 1")
+                return conn
+            except Exception:
+                await self._close(conn)
+        return await self._connect()
+
+    async def release(self, conn: Any, healthy: bool) -> None:
+        """Return a connection (or drop it if it failed or the pool is full)."""
+        if healthy and len(self._idle) < self.max_idle:
+            self._idle.append((conn, time.monotonic()))
+        else:
+            await self._close(conn)
+
+    @staticmethod
+    async def _close(conn: Any) -> None:
+        try:
+            await conn.close()
+        except Exception:  # closing a broken connection must not hide the original error
+            log.debug("closing a broken connection failed", exc_info=True)
+
+    async def close(self) -> None:
+        """Close every idle connection."""
+        while self._idle:
+            await self._close(self._idle.pop()[0])
+
+
+class Hot:
+    """Prebuilt hot statements for one store on one (sync or async) engine's dialect."""
+
+    def __init__(self, store: Store, dialect: Dialect) -> None:
+        self.store = store
+        self.dialect = dialect
+        self.pg = dialect.name == "postgresql"
+        e, ev = store.tables.effects, store.tables.events
+        self.load = _compile(store._load, dialect)
+        self.claim = _compile(store._claim_new, dialect)
+        self.complete = _compile(store._complete, dialect)
+        self.event = _compile(store._event, dialect)
+        self.columns = [c.name for c in e.columns]
+        # Only what the decision core reads is converted (history and audit go through the Core path).
+        decided_on = {"args", "result", "error", "lease_expires_at", "started_at"}
+        self.results = {
+            c.name: proc
+            for c in e.columns
+            if c.name in decided_on and (proc := c.type._cached_result_processor(dialect, None)) is not None
+        }
+        self.claim_all = _compile(store._claim_new_returning_row, dialect)
+        if self.pg:
+            prep = dialect.identifier_preparer
+            events = prep.format_table(ev)
+            event_binds = {f"e_{k[2:]}": v for k, v in self.event.binds.items()}
+            self.finish = _Sql(
+                f"WITH u AS ({self.complete.sql} RETURNING key) "
+                f"INSERT INTO {events} (key, workflow_id, tool, kind, attempt, owner, at, detail) "
+                f"SELECT u.key, %(e_workflow_id)s::VARCHAR, %(e_tool)s::VARCHAR, %(e_kind)s::VARCHAR, "
+                f"%(e_attempt)s::INTEGER, %(e_owner)s::VARCHAR, %(e_at)s::TIMESTAMP WITH TIME ZONE, "
+                f"%(e_detail)s::JSONB FROM u",
+                self.complete.defaults,
+                {**self.complete.binds, **event_binds},
+            )
+
+    @staticmethod
+    def params(spec: _Sql, values: Any) -> dict[str, Any]:
+        """Bind values through the dialect's processors, over the statement's literal defaults."""
+        out = dict(spec.defaults)
+        binds = spec.binds
+        for k, v in values.items():
+            proc = binds.get(k)
+            out[k] = proc(v) if proc is not None and v is not None else v
+        return out
+
+    def row(self, values: tuple[Any, ...], offset: int = 0) -> dict[str, Any]:
+        """A result row of the effects table as the mapping the decision core reads."""
+        out = dict(zip(self.columns, values[offset:], strict=True))
+        for name, proc in self.results.items():
+            out[name] = proc(out[name])
+        return out
+
+    @staticmethod
+    def finish_params(work: Work) -> dict[str, Any]:
+        """One parameter set for the Postgres CTE: the update's, plus the audit row's as ``e_*``."""
+        (_, complete), (_, event) = work.steps
+        assert isinstance(complete, Mapping) and isinstance(event, Mapping)
+        return {**complete, **{f"e_{k[2:]}": v for k, v in event.items()}}
+
+    # -- sync -------------------------------------------------------------------------------
+
+    def run(self, pool: SyncPool, work: Work) -> Any:
+        """Run a hot unit of work on a pooled driver connection."""
+        conn = pool.acquire()
+        healthy = False
+        try:
+            out = self._pg(conn, work) if self.pg else self._sqlite(conn, work)
+            healthy = True
+            return out
+        except pool.errors as e:
+            healthy = not pool.is_disconnect(e)
+            raise exc.DBAPIError.instance(None, None, e, pool.errors[0]) from e
+        finally:
+            pool.release(conn, healthy)
+
+    def _pg(self, conn: Any, work: Work) -> Any:
+        kind = work.fast
+        if kind == "events":
+            with conn.cursor() as cur:
+                cur.executemany(self.event.sql, [self.params(self.event, r) for r in work.steps[0][1]])
+            return len(work.steps[0][1])
+        if kind == "load":
+            cur = conn.execute(self.load.sql, self.params(self.load, work.steps[0][1]))
+            found = cur.fetchone()
+            return self.row(found) if found is not None else None
+        if kind == "claim_or_load":
+            # A plain read first (a replay costs one index lookup); only an absent key is claimed, on
+            # the same connection. A racing claim that wins first leaves us None: the flow looks again.
+            found = conn.execute(self.load.sql, self.params(self.load, work.steps[0][1])).fetchone()
+            if found is not None:
+                return {"claimed": False, **self.row(found)}
+            won = conn.execute(self.claim_all.sql, self.params(self.claim_all, work.steps[0][1])).fetchone()
+            return {"claimed": True, **self.row(won)} if won is not None else None
+        if kind == "claim":
+            found = conn.execute(self.claim.sql, self.params(self.claim, work.steps[0][1])).fetchone()
+            return {"attempt": found[0]} if found is not None else None
+        if kind == "finish":
+            if len(work.steps) == 1:  # a success: the update alone is the record
+                return conn.execute(self.complete.sql, self.params(self.complete, work.steps[0][1])).rowcount
+            return conn.execute(self.finish.sql, self.params(self.finish, self.finish_params(work))).rowcount
+        raise AssertionError(kind)  # pragma: no cover
+
+    def _sqlite(self, conn: Any, work: Work) -> Any:
+        kind = work.fast
+        if kind in ("load", "claim_or_load"):
+            found = conn.execute(self.load.sql, self.params(self.load, work.steps[0][1])).fetchone()
+            if kind == "load":
+                return self.row(found) if found is not None else None
+            if found is not None:
+                return {"claimed": False, **self.row(found)}
+            # Absent: claim it on the same connection (a read needs no lock; only the claim takes one).
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                won = conn.execute(self.claim_all.sql, self.params(self.claim_all, work.steps[0][1])).fetchone()
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return {"claimed": True, **self.row(won)} if won is not None else None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if kind == "events":
+                conn.executemany(self.event.sql, [self.params(self.event, r) for r in work.steps[0][1]])
+                conn.execute("COMMIT")
+                return len(work.steps[0][1])
+            if kind == "claim":
+                found = conn.execute(self.claim.sql, self.params(self.claim, work.steps[0][1])).fetchone()
+                out: Any = {"attempt": found[0]} if found is not None else None
+            elif kind == "finish":
+                (_, complete), *audit = work.steps
+                out = conn.execute(self.complete.sql, self.params(self.complete, complete)).rowcount
+                if out and audit:
+                    conn.execute(self.event.sql, self.params(self.event, audit[0][1]))
+            else:  # pragma: no cover
+                raise AssertionError(kind)
+            conn.execute("COMMIT")
+            return out
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # -- async ------------------------------------------------------------------------------
+
+    async def arun(self, pool: AsyncPool, work: Work) -> Any:
+        """Run a hot unit of work on a pooled async driver connection (one pool per event loop)."""
+        conn = await pool.acquire()
+        healthy = False
+        try:
+            out = await (self._apg(conn, work) if self.pg else self._asqlite(conn, work))
+            healthy = True
+            return out
+        except pool.errors as e:
+            healthy = not pool.is_disconnect(e)
+            raise exc.DBAPIError.instance(None, None, e, pool.errors[0]) from e
+        finally:
+            await pool.release(conn, healthy)
+
+    async def _apg(self, conn: Any, work: Work) -> Any:
+        kind = work.fast
+        if kind == "load":
+            cur = await conn.execute(self.load.sql, self.params(self.load, work.steps[0][1]))
+            found = await cur.fetchone()
+            return self.row(found) if found is not None else None
+        if kind == "claim_or_load":
+            cur = await conn.execute(self.load.sql, self.params(self.load, work.steps[0][1]))
+            found = await cur.fetchone()
+            if found is not None:
+                return {"claimed": False, **self.row(found)}
+            cur = await conn.execute(self.claim_all.sql, self.params(self.claim_all, work.steps[0][1]))
+            won = await cur.fetchone()
+            return {"claimed": True, **self.row(won)} if won is not None else None
+        if kind == "claim":
+            cur = await conn.execute(self.claim.sql, self.params(self.claim, work.steps[0][1]))
+            found = await cur.fetchone()
+            return {"attempt": found[0]} if found is not None else None
+        if kind == "finish":
+            if len(work.steps) == 1:
+                cur = await conn.execute(self.complete.sql, self.params(self.complete, work.steps[0][1]))
+            else:
+                cur = await conn.execute(self.finish.sql, self.params(self.finish, self.finish_params(work)))
+            return cur.rowcount
+        raise AssertionError(kind)  # pragma: no cover
+
+    async def _asqlite(self, conn: Any, work: Work) -> Any:
+        kind = work.fast
+        if kind == "load":
+            cur = await conn.execute(self.load.sql, self.params(self.load, work.steps[0][1]))
+            found = await cur.fetchone()
+            return self.row(tuple(found)) if found is not None else None
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            if kind == "claim":
+                cur = await conn.execute(self.claim.sql, self.params(self.claim, work.steps[0][1]))
+                found = await cur.fetchone()
+                out: Any = {"attempt": found[0]} if found is not None else None
+            elif kind == "finish":
+                (_, complete), *audit = work.steps
+                cur = await conn.execute(self.complete.sql, self.params(self.complete, complete))
+                out = cur.rowcount
+                if out and audit:
+                    await conn.execute(self.event.sql, self.params(self.event, audit[0][1]))
+            else:  # pragma: no cover
+                raise AssertionError(kind)
+            await conn.execute("COMMIT")
+            return out
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
