@@ -226,6 +226,7 @@ class Hot:
     def __init__(self, store: Store, dialect: Dialect) -> None:
         self.store = store
         self.dialect = dialect
+        self._new_rate = 0.0  # start by expecting replays: a retry from a fresh process is mostly replays
         self.pg = dialect.name == "postgresql"
         e, ev = store.tables.effects, store.tables.events
         self.load = _compile(store._load, dialect)
@@ -254,6 +255,15 @@ class Hot:
                 self.complete.defaults,
                 {**self.complete.binds, **event_binds},
             )
+
+    def expect_new(self) -> bool:
+        """Whether the next call is more likely a new key than a replay (recent history of this ledger)."""
+        return self._new_rate > 0.5
+
+    def saw(self, *, new: bool) -> None:
+        """Update the moving share of new keys among recent calls (races between threads are harmless:
+        it only picks which of two correct statement orders runs first)."""
+        self._new_rate = 0.9 * self._new_rate + (0.1 if new else 0.0)
 
     @staticmethod
     def params(spec: _Sql, values: Any) -> dict[str, Any]:
@@ -306,12 +316,26 @@ class Hot:
             found = cur.fetchone()
             return self.row(found) if found is not None else None
         if kind == "claim_or_load":
-            # A plain read first (a replay costs one index lookup); only an absent key is claimed, on
-            # the same connection. A racing claim that wins first leaves us None: the flow looks again.
-            found = conn.execute(self.load.sql, self.params(self.load, work.steps[0][1])).fetchone()
+            values = work.steps[0][1]
+            if self.expect_new():
+                # Most recent calls were new keys: claim first (one round trip for a new call), and
+                # read the stored row only if the key turned out to exist.
+                won = conn.execute(self.claim_all.sql, self.params(self.claim_all, values)).fetchone()
+                if won is not None:
+                    self.saw(new=True)
+                    return {"claimed": True, **self.row(won)}
+                found = conn.execute(self.load.sql, self.params(self.load, values)).fetchone()
+                self.saw(new=False)
+                return {"claimed": False, **self.row(found)} if found is not None else None
+            # Mostly replays (e.g. an agent resuming): a plain read first, so a replay is one index
+            # lookup; an absent key is then claimed on the same connection. A racing claim that wins
+            # in between leaves us None, and the flow looks again.
+            found = conn.execute(self.load.sql, self.params(self.load, values)).fetchone()
             if found is not None:
+                self.saw(new=False)
                 return {"claimed": False, **self.row(found)}
-            won = conn.execute(self.claim_all.sql, self.params(self.claim_all, work.steps[0][1])).fetchone()
+            won = conn.execute(self.claim_all.sql, self.params(self.claim_all, values)).fetchone()
+            self.saw(new=True)
             return {"claimed": True, **self.row(won)} if won is not None else None
         if kind == "claim":
             found = conn.execute(self.claim.sql, self.params(self.claim, work.steps[0][1])).fetchone()
@@ -324,21 +348,31 @@ class Hot:
 
     def _sqlite(self, conn: Any, work: Work) -> Any:
         kind = work.fast
-        if kind in ("load", "claim_or_load"):
-            found = conn.execute(self.load.sql, self.params(self.load, work.steps[0][1])).fetchone()
-            if kind == "load":
-                return self.row(found) if found is not None else None
-            if found is not None:
-                return {"claimed": False, **self.row(found)}
-            # Absent: claim it on the same connection (a read needs no lock; only the claim takes one).
+        values = work.steps[0][1]
+        if kind == "load":
+            found = conn.execute(self.load.sql, self.params(self.load, values)).fetchone()
+            return self.row(found) if found is not None else None
+        if kind == "claim_or_load":
+            if not self.expect_new():  # mostly replays: a lock-free read first
+                found = conn.execute(self.load.sql, self.params(self.load, values)).fetchone()
+                if found is not None:
+                    self.saw(new=False)
+                    return {"claimed": False, **self.row(found)}
+            # Claim under the write lock; if the key exists, read it in the same transaction.
             conn.execute("BEGIN IMMEDIATE")
             try:
-                won = conn.execute(self.claim_all.sql, self.params(self.claim_all, work.steps[0][1])).fetchone()
+                won = conn.execute(self.claim_all.sql, self.params(self.claim_all, values)).fetchone()
+                found = (
+                    None if won is not None else conn.execute(self.load.sql, self.params(self.load, values)).fetchone()
+                )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            return {"claimed": True, **self.row(won)} if won is not None else None
+            self.saw(new=won is not None)
+            if won is not None:
+                return {"claimed": True, **self.row(won)}
+            return {"claimed": False, **self.row(found)} if found is not None else None
         conn.execute("BEGIN IMMEDIATE")
         try:
             if kind == "events":
@@ -383,13 +417,22 @@ class Hot:
             cur = await conn.execute(self.load.sql, self.params(self.load, work.steps[0][1]))
             found = await cur.fetchone()
             return self.row(found) if found is not None else None
-        if kind == "claim_or_load":
-            cur = await conn.execute(self.load.sql, self.params(self.load, work.steps[0][1]))
-            found = await cur.fetchone()
+        if kind == "claim_or_load":  # the same two orders as the sync driver, picked the same way
+            values = work.steps[0][1]
+            if self.expect_new():
+                won = await (await conn.execute(self.claim_all.sql, self.params(self.claim_all, values))).fetchone()
+                if won is not None:
+                    self.saw(new=True)
+                    return {"claimed": True, **self.row(won)}
+                found = await (await conn.execute(self.load.sql, self.params(self.load, values))).fetchone()
+                self.saw(new=False)
+                return {"claimed": False, **self.row(found)} if found is not None else None
+            found = await (await conn.execute(self.load.sql, self.params(self.load, values))).fetchone()
             if found is not None:
+                self.saw(new=False)
                 return {"claimed": False, **self.row(found)}
-            cur = await conn.execute(self.claim_all.sql, self.params(self.claim_all, work.steps[0][1]))
-            won = await cur.fetchone()
+            won = await (await conn.execute(self.claim_all.sql, self.params(self.claim_all, values))).fetchone()
+            self.saw(new=True)
             return {"claimed": True, **self.row(won)} if won is not None else None
         if kind == "claim":
             cur = await conn.execute(self.claim.sql, self.params(self.claim, work.steps[0][1]))
