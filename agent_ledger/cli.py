@@ -21,12 +21,24 @@ from .errors import ConfigurationError, LedgerError, StorageError
 __all__ = ["main"]
 
 
+def _shown(url: str | None) -> str:
+    """A URL for --help, with any password masked."""
+    if not url:
+        return "unset"
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(set)"
+
+
 def _url_option(p: argparse.ArgumentParser) -> None:
     default = os.environ.get("AGENT_LEDGER_URL")
     p.add_argument(
         "--url",
         default=default,
-        help=f"database URL (default: $AGENT_LEDGER_URL, now {default or 'unset'}; else sqlite:///agent_ledger.db)",
+        help=f"database URL (default: $AGENT_LEDGER_URL, now {_shown(default)}; else sqlite:///agent_ledger.db)",
     )
     p.add_argument("--table-prefix", default="agent_ledger_", help="table name prefix (default: agent_ledger_)")
     p.add_argument("--schema", default=None, help="Postgres schema holding the tables (default: search path)")
