@@ -1279,10 +1279,32 @@ def _caller_namespace(depth: int = 2) -> dict[str, Any]:
 
 
 def _return_decoder(fn: Callable[..., Any], localns: Mapping[str, Any] | None = None) -> Callable[[Any], Any] | None:
-    """Validate replayed results into the function's annotated return type (lazily resolved)."""
+    """Validate replayed results into the function's annotated return type.
+
+    Resolved now when possible, so an annotation that cannot rebuild results (say ``ChatCompletion |
+    Stream[...]``) fails on the first run, not on the resumed one; a forward reference that is not
+    defined yet is resolved at the first replay instead.
+    """
     if inspect.signature(fn).return_annotation is inspect.Signature.empty:
         return None
     adapter: list[TypeAdapter[Any]] = []
+    try:
+        hint = typing.get_type_hints(fn, localns=dict(localns or {})).get("return", Any)
+    except NameError:
+        hint = None  # defined later: resolve lazily
+    except Exception as e:
+        raise ConfigurationError(f"cannot resolve the return annotation of {fn.__qualname__}: {e}") from e
+    if hint is not None and hint is not Any:
+        try:
+            adapter.append(TypeAdapter(hint))
+        except Exception as e:
+            raise ConfigurationError(
+                f"the return annotation of {fn.__qualname__} ({hint!r}) cannot rebuild replayed results: {e}. "
+                f"Wrap the call in a function annotated with the concrete JSON-serialisable type it returns "
+                f"(for example a pydantic model), or with no return annotation to replay plain JSON."
+            ) from e
+    elif hint is Any:
+        return None
 
     def decode(value: Any) -> Any:
         if not adapter:

@@ -487,11 +487,15 @@ class Store:
         t = self.tables
         keys = list(keys)
         settled = [Status.SUCCEEDED.value, Status.FAILED.value]
+        # Events and approvals go only with an effect row that was really deleted here: a key that was
+        # retried (and is running again) since it was selected keeps its row and its audit trail.
+        gone = ~t.events.c.key.in_(select(t.effects.c.key).where(t.effects.c.key.in_(keys)))
+        gone_approvals = ~t.approvals.c.key.in_(select(t.effects.c.key).where(t.effects.c.key.in_(keys)))
         return Work(
             (
                 (delete(t.effects).where(t.effects.c.key.in_(keys), t.effects.c.status.in_(settled)), {}),
-                (delete(t.events).where(t.events.c.key.in_(keys)), {}),
-                (delete(t.approvals).where(t.approvals.c.key.in_(keys)), {}),
+                (delete(t.events).where(t.events.c.key.in_(keys), gone), {}),
+                (delete(t.approvals).where(t.approvals.c.key.in_(keys), gone_approvals), {}),
             ),
             label="prune",
         )

@@ -102,3 +102,18 @@ def test_step_result_rebuilds_the_sdk_type(make_ledger: Callable[..., Ledger]) -
         replayed = second.step("llm", ask)
     assert asked == 1
     assert isinstance(replayed, ChatCompletion) and replayed == live
+
+
+def test_unrebuildable_return_annotation_fails_on_the_first_run(ledger: Ledger) -> None:
+    from typing import Union
+
+    from agent_ledger import ConfigurationError
+
+    class Stream:  # like an SDK's streaming response: not a JSON value
+        pass
+
+    def create() -> Union[dict, Stream]:  # noqa: UP007
+        return {}
+
+    with ledger.workflow("w"), pytest.raises(ConfigurationError, match="cannot rebuild replayed results"):
+        ledger.step("llm", create)
