@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,22 @@ def _compile(stmt: Any, dialect: Dialect) -> _Sql:
     return _Sql(compiled.string, defaults, binds)
 
 
+def _driver_errors(dialect: str) -> tuple[type[Exception], ...]:
+    if dialect == "postgresql":
+        import psycopg
+
+        return (psycopg.Error,)
+    return (sqlite3.Error,)
+
+
+def _is_disconnect(dialect: str, e: BaseException) -> bool:
+    if dialect == "postgresql":
+        import psycopg
+
+        return isinstance(e, psycopg.OperationalError)
+    return False
+
+
 class SyncPool:
     """Driver connections for the sync hot path: a plain stack under a lock (acquire/release cost about a
     microsecond, where a full pool checkout costs several), pinging a connection only after it sat idle."""
@@ -81,20 +97,11 @@ class SyncPool:
         self.max_idle = max_idle
         self._idle: list[tuple[Any, float]] = []
         self._lock = threading.Lock()
-        if dialect == "postgresql":
-            import psycopg
-
-            self.errors: tuple[type[Exception], ...] = (psycopg.Error,)
-        else:
-            self.errors = (sqlite3.Error,)
+        self.errors = _driver_errors(dialect)
 
     def is_disconnect(self, e: BaseException) -> bool:
         """Whether the error means the connection is unusable."""
-        if self.dialect == "postgresql":
-            import psycopg
-
-            return isinstance(e, psycopg.OperationalError)
-        return False
+        return _is_disconnect(self.dialect, e)
 
     def _connect(self) -> Any:
         if self.dialect == "postgresql":
@@ -147,45 +154,29 @@ class SyncPool:
 
 
 class AsyncPool:
-    """Driver connections for the async hot path, one pool per event loop (they cannot cross loops).
+    """Postgres driver connections for the async hot path, one pool per event loop (they cannot cross
+    loops). (Async SQLite runs the sync hot path in a worker thread: SQLite has no async I/O.)
 
     SQLAlchemy's async pool costs a greenlet hop per checkout; the hot path only needs a connection in
     autocommit mode, so it keeps its own few, pinging one only after it sat idle.
     """
 
-    def __init__(self, dialect: str, target: str, max_idle: int = 10) -> None:
-        self.dialect = dialect
+    def __init__(self, target: str, max_idle: int = 10) -> None:
+        import psycopg
+
         self.target = target
         self.max_idle = max_idle
         self._idle: list[tuple[Any, float]] = []
-        if dialect == "postgresql":
-            import psycopg
-
-            self.errors: tuple[type[Exception], ...] = (psycopg.Error,)
-        else:
-            import sqlite3
-
-            self.errors = (sqlite3.Error,)
+        self.errors: tuple[type[Exception], ...] = (psycopg.Error,)
 
     def is_disconnect(self, e: BaseException) -> bool:
         """Whether the error means the connection is unusable."""
-        if self.dialect == "postgresql":
-            import psycopg
-
-            return isinstance(e, psycopg.OperationalError)
-        return False
+        return _is_disconnect("postgresql", e)
 
     async def _connect(self) -> Any:
-        if self.dialect == "postgresql":
-            import psycopg
+        import psycopg
 
-            return await psycopg.AsyncConnection.connect(self.target, autocommit=True)
-        import aiosqlite
-
-        conn = await aiosqlite.connect(self.target, timeout=30, isolation_level=None)
-        for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA busy_timeout=30000", "PRAGMA synchronous=FULL"):
-            await conn.execute(pragma)
-        return conn
+        return await psycopg.AsyncConnection.connect(self.target, autocommit=True)
 
     async def acquire(self) -> Any:
         """An idle connection (pinged if it sat idle long), or a new one."""
@@ -305,46 +296,58 @@ class Hot:
         finally:
             pool.release(conn, healthy)
 
-    def _pg(self, conn: Any, work: Work) -> Any:
+    def _pg_steps(self, work: Work) -> Generator[tuple[str, dict[str, Any], bool], Any, Any]:
+        """The statements of a hot unit on Postgres, written once for both drivers: each step is
+        (sql, params, fetch one row?) and receives the row (or the rowcount)."""
         kind = work.fast
-        if kind == "events":
-            with conn.cursor() as cur:
-                cur.executemany(self.event.sql, [self.params(self.event, r) for r in work.steps[0][1]])
-            return len(work.steps[0][1])
+        values = work.steps[0][1]
         if kind == "load":
-            cur = conn.execute(self.load.sql, self.params(self.load, work.steps[0][1]))
-            found = cur.fetchone()
+            found = yield self.load.sql, self.params(self.load, values), True
             return self.row(found) if found is not None else None
         if kind == "claim_or_load":
-            values = work.steps[0][1]
             if self.expect_new():
                 # Most recent calls were new keys: claim first (one round trip for a new call), and
                 # read the stored row only if the key turned out to exist.
-                won = conn.execute(self.claim_all.sql, self.params(self.claim_all, values)).fetchone()
+                won = yield self.claim_all.sql, self.params(self.claim_all, values), True
                 if won is not None:
                     self.saw(new=True)
                     return {"claimed": True, **self.row(won)}
-                found = conn.execute(self.load.sql, self.params(self.load, values)).fetchone()
+                found = yield self.load.sql, self.params(self.load, values), True
                 self.saw(new=False)
                 return {"claimed": False, **self.row(found)} if found is not None else None
             # Mostly replays (e.g. an agent resuming): a plain read first, so a replay is one index
             # lookup; an absent key is then claimed on the same connection. A racing claim that wins
             # in between leaves us None, and the flow looks again.
-            found = conn.execute(self.load.sql, self.params(self.load, values)).fetchone()
+            found = yield self.load.sql, self.params(self.load, values), True
             if found is not None:
                 self.saw(new=False)
                 return {"claimed": False, **self.row(found)}
-            won = conn.execute(self.claim_all.sql, self.params(self.claim_all, values)).fetchone()
+            won = yield self.claim_all.sql, self.params(self.claim_all, values), True
             self.saw(new=True)
             return {"claimed": True, **self.row(won)} if won is not None else None
         if kind == "claim":
-            found = conn.execute(self.claim.sql, self.params(self.claim, work.steps[0][1])).fetchone()
+            found = yield self.claim.sql, self.params(self.claim, values), True
             return {"attempt": found[0]} if found is not None else None
         if kind == "finish":
             if len(work.steps) == 1:  # a success: the update alone is the record
-                return conn.execute(self.complete.sql, self.params(self.complete, work.steps[0][1])).rowcount
-            return conn.execute(self.finish.sql, self.params(self.finish, self.finish_params(work))).rowcount
+                return (yield self.complete.sql, self.params(self.complete, values), False)
+            return (yield self.finish.sql, self.params(self.finish, self.finish_params(work)), False)
         raise AssertionError(kind)  # pragma: no cover
+
+    def _pg(self, conn: Any, work: Work) -> Any:
+        if work.fast == "events":  # batched replay records (written by the sync flusher only)
+            with conn.cursor() as cur:
+                cur.executemany(self.event.sql, [self.params(self.event, r) for r in work.steps[0][1]])
+            return len(work.steps[0][1])
+        steps = self._pg_steps(work)
+        got: Any = None
+        try:
+            while True:
+                sql, params, fetch = steps.send(got)
+                cur = conn.execute(sql, params)
+                got = cur.fetchone() if fetch else cur.rowcount
+        except StopIteration as done:
+            return done.value
 
     def _sqlite(self, conn: Any, work: Work) -> Any:
         kind = work.fast
@@ -402,7 +405,7 @@ class Hot:
         conn = await pool.acquire()
         healthy = False
         try:
-            out = await (self._apg(conn, work) if self.pg else self._asqlite(conn, work))
+            out = await self._apg(conn, work)
             healthy = True
             return out
         except pool.errors as e:
@@ -412,62 +415,12 @@ class Hot:
             await pool.release(conn, healthy)
 
     async def _apg(self, conn: Any, work: Work) -> Any:
-        kind = work.fast
-        if kind == "load":
-            cur = await conn.execute(self.load.sql, self.params(self.load, work.steps[0][1]))
-            found = await cur.fetchone()
-            return self.row(found) if found is not None else None
-        if kind == "claim_or_load":  # the same two orders as the sync driver, picked the same way
-            values = work.steps[0][1]
-            if self.expect_new():
-                won = await (await conn.execute(self.claim_all.sql, self.params(self.claim_all, values))).fetchone()
-                if won is not None:
-                    self.saw(new=True)
-                    return {"claimed": True, **self.row(won)}
-                found = await (await conn.execute(self.load.sql, self.params(self.load, values))).fetchone()
-                self.saw(new=False)
-                return {"claimed": False, **self.row(found)} if found is not None else None
-            found = await (await conn.execute(self.load.sql, self.params(self.load, values))).fetchone()
-            if found is not None:
-                self.saw(new=False)
-                return {"claimed": False, **self.row(found)}
-            won = await (await conn.execute(self.claim_all.sql, self.params(self.claim_all, values))).fetchone()
-            self.saw(new=True)
-            return {"claimed": True, **self.row(won)} if won is not None else None
-        if kind == "claim":
-            cur = await conn.execute(self.claim.sql, self.params(self.claim, work.steps[0][1]))
-            found = await cur.fetchone()
-            return {"attempt": found[0]} if found is not None else None
-        if kind == "finish":
-            if len(work.steps) == 1:
-                cur = await conn.execute(self.complete.sql, self.params(self.complete, work.steps[0][1]))
-            else:
-                cur = await conn.execute(self.finish.sql, self.params(self.finish, self.finish_params(work)))
-            return cur.rowcount
-        raise AssertionError(kind)  # pragma: no cover
-
-    async def _asqlite(self, conn: Any, work: Work) -> Any:
-        kind = work.fast
-        if kind == "load":
-            cur = await conn.execute(self.load.sql, self.params(self.load, work.steps[0][1]))
-            found = await cur.fetchone()
-            return self.row(tuple(found)) if found is not None else None
-        await conn.execute("BEGIN IMMEDIATE")
+        steps = self._pg_steps(work)
+        got: Any = None
         try:
-            if kind == "claim":
-                cur = await conn.execute(self.claim.sql, self.params(self.claim, work.steps[0][1]))
-                found = await cur.fetchone()
-                out: Any = {"attempt": found[0]} if found is not None else None
-            elif kind == "finish":
-                (_, complete), *audit = work.steps
-                cur = await conn.execute(self.complete.sql, self.params(self.complete, complete))
-                out = cur.rowcount
-                if out and audit:
-                    await conn.execute(self.event.sql, self.params(self.event, audit[0][1]))
-            else:  # pragma: no cover
-                raise AssertionError(kind)
-            await conn.execute("COMMIT")
-            return out
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
+            while True:
+                sql, params, fetch = steps.send(got)
+                cur = await conn.execute(sql, params)
+                got = await cur.fetchone() if fetch else cur.rowcount
+        except StopIteration as done:
+            return done.value

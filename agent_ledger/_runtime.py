@@ -233,7 +233,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         pool = self._apools.get(loop)
         if pool is None:
-            pool = self._apools[loop] = AsyncPool(self.dialect, self._driver_target())
+            pool = self._apools[loop] = AsyncPool(self._driver_target())
         return pool
 
     @property
