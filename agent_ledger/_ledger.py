@@ -1203,8 +1203,7 @@ def _success_event(m: Mapping[str, Any]) -> AuditEvent | None:
 def _merged(events: list[AuditEvent], rows: Iterable[Mapping[str, Any]]) -> list[AuditEvent]:
     """Stored events plus the success events read from effect rows, in time order (stable)."""
     extra = [ev for m in rows if (ev := _success_event(m)) is not None]
-    if not extra:
-        return events
+    # By time, not by id: replay records are written in batches, after events that happened later.
     return sorted([*events, *extra], key=lambda e: e.at)
 
 

@@ -44,8 +44,17 @@ def _url_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schema", default=None, help="Postgres schema holding the tables (default: search path)")
 
 
-def _ledger(ns: argparse.Namespace) -> Ledger:
-    return Ledger(ns.url, table_prefix=ns.table_prefix, schema=ns.schema)
+def _ledger(ns: argparse.Namespace, *, create: bool = False) -> Ledger:
+    """The ledger named by --url. Reading commands refuse a SQLite file that does not exist (a typo
+    would otherwise create an empty database and report nothing)."""
+    ledger = Ledger(ns.url, table_prefix=ns.table_prefix, schema=ns.schema)
+    if not create and ledger._rt.dialect == "sqlite":
+        from sqlalchemy.engine import make_url
+
+        path = make_url(ledger._rt.sync_url).database
+        if path and not os.path.exists(path):
+            raise ConfigurationError(f"no ledger database at {path} (check --url / $AGENT_LEDGER_URL)")
+    return ledger
 
 
 def _print_json(data: Any) -> None:
@@ -142,7 +151,11 @@ def _export(ns: argparse.Namespace) -> int:
     filters = {"workflow_id": ns.workflow, "tool": ns.tool, "status": ns.status, "since": ns.since, "until": ns.until}
     with _ledger(ns) as ledger:
         if ns.output:
-            with open(ns.output, "w", encoding="utf-8") as out:
+            try:
+                out = open(ns.output, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+            except OSError as e:
+                raise ConfigurationError(f"cannot write {ns.output}: {e.strerror}") from e
+            with out:
                 n = ledger.export(out, **filters)
             print(f"exported {n} effect(s) to {ns.output}", file=sys.stderr)
         else:
@@ -238,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             return _demo.main(ns.db)
         if ns.command == "migrate":
-            with _ledger(ns) as ledger:
+            with _ledger(ns, create=True) as ledger:
                 ledger.migrate()
             print(f"migrated {ledger!r} to the latest schema")
             return 0

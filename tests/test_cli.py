@@ -48,3 +48,14 @@ def test_history_and_show(tmp_path: Path) -> None:
     assert missing.returncode == 1 and "no effect" in missing.stderr
     bad = cli("history", "wf", "--url", "mysql://x/y")
     assert bad.returncode == 2 and "supports postgresql" in bad.stderr
+
+
+def test_reading_commands_refuse_a_missing_sqlite_file_and_bad_outputs(tmp_path: Path) -> None:
+    missing = f"sqlite:///{tmp_path / 'typo.db'}"
+    out = cli("history", "wf", "--url", missing)
+    assert out.returncode == 2 and "no ledger database" in out.stderr
+    assert not (tmp_path / "typo.db").exists()
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    Ledger(url).run(ToolCall(workflow_id="wf", tool="t", args={}), handler=lambda: 1)
+    bad = cli("export", "--url", url, "--output", str(tmp_path / "no" / "such" / "dir.jsonl"))
+    assert bad.returncode == 2 and "cannot write" in bad.stderr
