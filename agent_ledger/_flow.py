@@ -362,8 +362,8 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
                 pause = min(pause, max(0.001, (decision.lease_expires_at - now).total_seconds() + 0.001))
             yield Sleep(pause)
             # Poll fast while the winner is likely about to finish, then back off: waiters see a result
-            # within ~10 ms of its commit for the first two seconds, without hammering the database later.
-            delay = min(delay * 2, 0.01 if waited < 2.0 else 0.1)
+            # within a few ms of its commit in the first seconds, without hammering the database later.
+            delay = min(delay * 2, 0.005 if waited < 1.0 else 0.01 if waited < 2.0 else 0.1)
             found = yield Db(store.load(plan.key))
             continue
 
