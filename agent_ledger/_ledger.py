@@ -1014,10 +1014,7 @@ class Ledger:
         """The stored effect of ``key`` with its audit events, or None."""
         self._rt.flush()
         found = self._rt.do(self._rt.store.load_record(key))
-        if found is None:
-            return None
-        events = self._rt.do(self._rt.store.events_for_key(key))
-        return _record(found, [AuditEvent.model_validate(dict(e)) for e in events])
+        return self._with_events([found])[0] if found is not None else None
 
     def events(self, *, workflow_id: str | None = None, key: str | None = None) -> list[AuditEvent]:
         """The audit trail of a workflow or of one key, oldest first, including events of calls that
@@ -1028,9 +1025,9 @@ class Ledger:
         store = self._rt.store
         if workflow_id is not None:
             stored = self._rt.do(store.events_for_workflow(workflow_id))
-            rows = self._rt.do(store.effects_for_workflow(workflow_id))
+            rows = self._rt.do(store.effects(workflow_id=workflow_id))
         else:
-            stored = self._rt.do(store.events_for_key(str(key)))
+            stored = self._rt.do(store.events_for_keys([str(key)]))
             found = self._rt.do(store.load_record(str(key)))
             rows = [found] if found is not None else []
         return _merged([AuditEvent.model_validate(dict(e)) for e in stored], rows)
@@ -1097,14 +1094,7 @@ class Ledger:
 
     def history(self, workflow_id: str) -> list[EffectRecord]:
         """The workflow's effects in the order they were first called, each with its audit events."""
-        self._rt.flush()
-        store = self._rt.store
-        effects = self._rt.do(store.effects_for_workflow(workflow_id))
-        events = self._rt.do(store.events_for_workflow(workflow_id))
-        by_key: dict[str, list[AuditEvent]] = {}
-        for e in events:
-            by_key.setdefault(e["key"], []).append(AuditEvent.model_validate(dict(e)))
-        return [_record(m, by_key.get(m["key"], [])) for m in effects]
+        return self.effects(workflow_id=workflow_id)
 
     def resolve(
         self,

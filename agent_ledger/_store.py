@@ -248,10 +248,6 @@ class Store:
             update(ap).where(ap.c.id == b("id")).values(channel_state=b("state", type_=ap.c.channel_state.type))
         )
         self._events_for_workflow = select(ev).where(ev.c.workflow_id == b("workflow_id")).order_by(ev.c.id)
-        self._events_for_key = select(ev).where(ev.c.key == b("key")).order_by(ev.c.id)
-        self._effects_for_workflow = (
-            select(e).where(e.c.workflow_id == b("workflow_id")).order_by(e.c.created_at, e.c.key)
-        )
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -263,17 +259,9 @@ class Store:
         """The stored row of ``key`` with every column converted (for audit and admin reads)."""
         return Work(((self._load, _p({"key": key})),), returns="row", write=False, label="load")
 
-    def effects_for_workflow(self, workflow_id: str) -> Work:
-        """Every effect of a workflow, in creation order."""
-        return Work(((self._effects_for_workflow, _p({"workflow_id": workflow_id})),), "rows", False, "effects")
-
     def events_for_workflow(self, workflow_id: str) -> Work:
         """Every audit event of a workflow, oldest first."""
         return Work(((self._events_for_workflow, _p({"workflow_id": workflow_id})),), "rows", False, "events")
-
-    def events_for_key(self, key: str) -> Work:
-        """Every audit event of one key, oldest first."""
-        return Work(((self._events_for_key, _p({"key": key})),), "rows", False, "events")
 
     def stale(self, *, now: datetime, host_prefix: str, limit: int) -> Work:
         """Running effects whose lease expired (or whose owner ran on this host), locked for one sweeper.

@@ -79,6 +79,14 @@ COMPLETE = (
 SELECT = "SELECT * FROM {t} WHERE key = {k}"
 
 
+def floor_sql(table: str, mark: str) -> tuple[str, str, str]:
+    """The floor's claim, completion and lookup, with the driver's placeholder (``%s`` or ``?``)."""
+    complete = COMPLETE.format(t=table, r=mark, n=mark, k=mark, o=mark)
+    if mark == "?":
+        complete = complete.replace("= true", "= 1")  # SQLite booleans are integers
+    return CLAIM.format(t=table, p=", ".join([mark] * 11)), complete, SELECT.format(t=table, k=mark)
+
+
 def pg_params(key: str) -> tuple[Any, ...]:
     now = datetime.now(timezone.utc)
     return (
@@ -101,9 +109,7 @@ Pair = tuple[Callable[[int], Any], Callable[[int], Any], Callable[[], Any]]
 
 def floor_pg_sync(conninfo: str, table: str) -> Pair:
     run = uuid.uuid4().hex[:8]
-    claim = CLAIM.format(t=table, p=", ".join(["%s"] * 11))
-    complete = COMPLETE.format(t=table, r="%s", n="%s", k="%s", o="%s")
-    select = SELECT.format(t=table, k="%s")
+    claim, complete, select = floor_sql(table, "%s")
     conn = psycopg.connect(conninfo, autocommit=True)
 
     def new(i: int) -> None:
@@ -119,9 +125,7 @@ def floor_pg_sync(conninfo: str, table: str) -> Pair:
 
 async def floor_pg_async(conninfo: str, table: str) -> Pair:
     run = uuid.uuid4().hex[:8]
-    claim = CLAIM.format(t=table, p=", ".join(["%s"] * 11))
-    complete = COMPLETE.format(t=table, r="%s", n="%s", k="%s", o="%s")
-    select = SELECT.format(t=table, k="%s")
+    claim, complete, select = floor_sql(table, "%s")
     conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
 
     async def new(i: int) -> None:
@@ -140,9 +144,7 @@ def floor_sqlite(path: str, table: str) -> Pair:
     conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
-    claim = CLAIM.format(t=table, p=", ".join(["?"] * 11))
-    complete = COMPLETE.format(t=table, r="?", n="?", k="?", o="?").replace("= true", "= 1")
-    select = SELECT.format(t=table, k="?")
+    claim, complete, select = floor_sql(table, "?")
 
     def new(i: int) -> None:
         key = f"floor-{run}-{i}"
@@ -182,9 +184,7 @@ async def floor_sqlite_async(path: str, table: str) -> Pair:
     conn = await aiosqlite.connect(path, isolation_level=None, timeout=30)
     await conn.execute("PRAGMA journal_mode=WAL")
     await conn.execute("PRAGMA synchronous=FULL")
-    claim = CLAIM.format(t=table, p=", ".join(["?"] * 11))
-    complete = COMPLETE.format(t=table, r="?", n="?", k="?", o="?").replace("= true", "= 1")
-    select = SELECT.format(t=table, k="?")
+    claim, complete, select = floor_sql(table, "?")
 
     async def new(i: int) -> None:
         key = f"afloor-{run}-{i}"
