@@ -1,8 +1,9 @@
 """The hot path: the statements every call runs, prebuilt once and executed on pooled driver connections.
 
 SQLAlchemy compiles each hot statement of ``_store`` once (so the SQL still comes from the Core tables);
-this module runs the SQL strings directly on the DBAPI connection from SQLAlchemy's pool, applying the
-dialect's own bind and result processors, so values are stored exactly as the Core path stores them.
+this module runs the SQL strings directly on its own small pools of driver connections, applying the
+dialect's bind and result processors (on SQLite, C-backed equivalents for datetimes and JSON, tested to
+produce the same text), so values are stored exactly as the Core path stores them.
 Each hot state change is one autocommit statement on Postgres (a data-modifying CTE writes the outcome
 and its audit row together) and one ``BEGIN IMMEDIATE`` transaction on SQLite. A new call on Postgres
 looks the key up and claims it on the same pooled connection, in one unit of work.
@@ -10,16 +11,19 @@ looks the key up and claims it on the same pooled connection, in one unit of wor
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Dialect, Engine, event, exc
+from sqlalchemy import JSON, Dialect, Engine, event, exc
 
+from ._schema import UTCDateTime
 from ._store import Store, Work
 
 __all__ = ["AsyncPool", "Hot", "SyncPool", "install_idle_ping"]
@@ -58,13 +62,57 @@ class _Sql:
     binds: Mapping[str, Callable[[Any], Any]]
 
 
+_UTC = timezone.utc
+
+
+def _sqlite_datetime_bind(value: datetime) -> str:
+    """``UTCDateTime`` bound for SQLite: the dialect's processor's exact text (naive UTC, microseconds
+    always written), done by ``isoformat`` in C instead of two Python processors."""
+    if value.tzinfo is None:
+        raise ValueError("agent_ledger stores aware datetimes only")
+    return value.astimezone(_UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _sqlite_datetime_result(value: Any) -> datetime | None:
+    """A stored SQLite datetime as an aware UTC datetime, as ``UTCDateTime`` reads it."""
+    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=_UTC)
+
+
+def _sqlite_json_result(value: Any) -> Any:
+    """A stored SQLite JSON value, as the dialect's JSON type reads it (numbers may come back as such)."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _bind_processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
+    """The bind processor of a column type; on SQLite the hot types get C-backed equivalents (a test
+    checks they produce exactly what the dialect's own processors produce)."""
+    if dialect.name == "sqlite":
+        if isinstance(type_, UTCDateTime):
+            return _sqlite_datetime_bind
+        if isinstance(type_, JSON):
+            return json.dumps
+    proc: Callable[[Any], Any] | None = type_._cached_bind_processor(dialect)
+    return proc
+
+
+def _result_processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
+    """The result processor of a column type (C-backed equivalents for the hot types on SQLite)."""
+    if dialect.name == "sqlite":
+        if isinstance(type_, UTCDateTime):
+            return _sqlite_datetime_result
+        if isinstance(type_, JSON):
+            return _sqlite_json_result
+    proc: Callable[[Any], Any] | None = type_._cached_result_processor(dialect, None)
+    return proc
+
+
 def _compile(stmt: Any, dialect: Dialect) -> _Sql:
     # Named parameters on every driver (sqlite3 and aiosqlite take :name with a dict).
     target: Any = dialect if dialect.name == "postgresql" else type(dialect)(paramstyle="named")  # type: ignore[call-arg]
     compiled: Any = stmt.compile(dialect=target)
     binds = {}
     for name, bind in compiled.binds.items():
-        proc = bind.type._cached_bind_processor(dialect)
+        proc = _bind_processor(bind.type, dialect)
         if proc is not None:
             binds[name] = proc
     defaults = dict(compiled.params)  # literal values of the statement (and None for ours, overridden)
@@ -230,9 +278,8 @@ class Hot:
         self.results = {
             c.name: proc
             for c in e.columns
-            if c.name in decided_on and (proc := c.type._cached_result_processor(dialect, None)) is not None
+            if c.name in decided_on and (proc := _result_processor(c.type, dialect)) is not None
         }
-        self.claim_all = _compile(store._claim_new_returning_row, dialect)
         if self.pg:
             prep = dialect.identifier_preparer
             events = prep.format_table(ev)
@@ -264,6 +311,23 @@ class Hot:
         for k, v in values.items():
             proc = binds.get(k)
             out[k] = proc(v) if proc is not None and v is not None else v
+        return out
+
+    @staticmethod
+    def params_many(spec: _Sql, rows: Any) -> list[dict[str, Any]]:
+        """``params`` for many value sets with the same names (batched audit rows): the processors are
+        looked up once, not per row."""
+        if not rows:
+            return []
+        procs = [(name, spec.binds.get(name)) for name in rows[0]]
+        defaults = spec.defaults
+        out = []
+        for values in rows:
+            bound = dict(defaults)
+            for name, proc in procs:
+                v = values[name]
+                bound[name] = proc(v) if proc is not None and v is not None else v
+            out.append(bound)
         return out
 
     def row(self, values: tuple[Any, ...], offset: int = 0) -> dict[str, Any]:
@@ -308,10 +372,10 @@ class Hot:
             if self.expect_new():
                 # Most recent calls were new keys: claim first (one round trip for a new call), and
                 # read the stored row only if the key turned out to exist.
-                won = yield self.claim_all.sql, self.params(self.claim_all, values), True
+                won = yield self.claim.sql, self.params(self.claim, values), True
                 if won is not None:
                     self.saw(new=True)
-                    return {"claimed": True, **self.row(won)}
+                    return {"claimed": True}  # the flow needs nothing else of a row it just created
                 found = yield self.load.sql, self.params(self.load, values), True
                 self.saw(new=False)
                 return {"claimed": False, **self.row(found)} if found is not None else None
@@ -322,9 +386,9 @@ class Hot:
             if found is not None:
                 self.saw(new=False)
                 return {"claimed": False, **self.row(found)}
-            won = yield self.claim_all.sql, self.params(self.claim_all, values), True
+            won = yield self.claim.sql, self.params(self.claim, values), True
             self.saw(new=True)
-            return {"claimed": True, **self.row(won)} if won is not None else None
+            return {"claimed": True} if won is not None else None
         if kind == "claim":
             found = yield self.claim.sql, self.params(self.claim, values), True
             return {"attempt": found[0]} if found is not None else None
@@ -337,7 +401,7 @@ class Hot:
     def _pg(self, conn: Any, work: Work) -> Any:
         if work.fast == "events":  # batched replay records (written by the sync flusher only)
             with conn.cursor() as cur:
-                cur.executemany(self.event.sql, [self.params(self.event, r) for r in work.steps[0][1]])
+                cur.executemany(self.event.sql, self.params_many(self.event, work.steps[0][1]))
             return len(work.steps[0][1])
         steps = self._pg_steps(work)
         got: Any = None
@@ -364,7 +428,7 @@ class Hot:
             # Claim under the write lock; if the key exists, read it in the same transaction.
             conn.execute("BEGIN IMMEDIATE")
             try:
-                won = conn.execute(self.claim_all.sql, self.params(self.claim_all, values)).fetchone()
+                won = conn.execute(self.claim.sql, self.params(self.claim, values)).fetchone()
                 found = (
                     None if won is not None else conn.execute(self.load.sql, self.params(self.load, values)).fetchone()
                 )
@@ -374,12 +438,12 @@ class Hot:
                 raise
             self.saw(new=won is not None)
             if won is not None:
-                return {"claimed": True, **self.row(won)}
+                return {"claimed": True}
             return {"claimed": False, **self.row(found)} if found is not None else None
         conn.execute("BEGIN IMMEDIATE")
         try:
             if kind == "events":
-                conn.executemany(self.event.sql, [self.params(self.event, r) for r in work.steps[0][1]])
+                conn.executemany(self.event.sql, self.params_many(self.event, work.steps[0][1]))
                 conn.execute("COMMIT")
                 return len(work.steps[0][1])
             if kind == "claim":

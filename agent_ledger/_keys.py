@@ -124,6 +124,10 @@ def _plain(value: Any) -> bool:
     return False
 
 
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+"""``json.dumps`` with the canonical options, built once (``dumps`` with options builds an encoder per call)."""
+
+
 def canonical(value: Any) -> bytes:
     """RFC 8785 canonical JSON bytes of an already-normalised value.
 
@@ -133,7 +137,7 @@ def canonical(value: Any) -> bytes:
     """
     if _plain(value):
         try:
-            return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            return _ENCODE(value).encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate: let rfc8785 decide
             pass
     try:
@@ -162,9 +166,9 @@ def key_from_canonical(workflow_id: str, tool: str, key_args: bytes) -> str:
         b'{"args":'
         + key_args
         + b',"tool":'
-        + canonical(tool)
+        + _canonical_name(tool)
         + b',"v":1,"workflow_id":'
-        + canonical(workflow_id)
+        + _canonical_name(workflow_id)
         + b"}"
     )
 

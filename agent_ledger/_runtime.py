@@ -701,10 +701,13 @@ class _ReplayBuffer:
     """Replay records, written in batches by a background thread: replays stay one read on the hot path.
 
     A process that dies loses at most the last ``interval`` seconds of replay counts, never an execution
-    record (those are written in the same transaction as the state change they describe).
+    record (those are written in the same transaction as the state change they describe). ``limit`` only
+    bounds memory: on SQLite every commit from another connection empties the readers' page caches, so
+    flushing every few hundred replays made each replay of a busy reader measurably slower than one
+    write every ``interval``.
     """
 
-    def __init__(self, rt: Runtime, interval: float = 0.5, limit: int = 500) -> None:
+    def __init__(self, rt: Runtime, interval: float = 0.5, limit: int = 10_000) -> None:
         self._rt = rt
         self._interval = interval
         self._limit = limit

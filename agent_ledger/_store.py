@@ -98,7 +98,6 @@ class Store:
             started_at=b("now", type_=e.c.started_at.type),
         ).on_conflict_do_nothing(index_elements=[e.c.key])
         self._claim_new = base_claim.returning(e.c.attempt)
-        self._claim_new_returning_row = base_claim.returning(*e.c)
 
         # A new claim of an existing key: fenced on the status and attempt that were observed, and for
         # a running row on the observed lease too, so a heartbeat that lands first wins the race.

@@ -82,9 +82,13 @@ class Telemetry:
     def _tracer(self) -> Any:
         if _otel is None:
             return None
-        provider = self._provider or _otel.get_tracer_provider()
-        if self._provider is None and type(provider).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
-            return None  # nothing would record the span: don't pay for it
+        provider = self._provider
+        if provider is None:
+            provider = _otel.get_tracer_provider()
+            if isinstance(provider, (_otel.ProxyTracerProvider, _otel.NoOpTracerProvider)):
+                return None  # nothing would record the span: don't pay for it
+            # The global provider can be set only once: from now on it is this one.
+            self._provider = provider
         tracer = self._tracers.get(id(provider))
         if tracer is None:
             tracer = self._tracers[id(provider)] = _otel.get_tracer("agent_ledger", tracer_provider=provider)
