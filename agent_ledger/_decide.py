@@ -91,9 +91,10 @@ def transition(state: Status | None, event: str) -> Status:
         raise IllegalTransition(state.value if state else None, event) from None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Row:
-    """A snapshot of one stored effect, as much of it as decisions need."""
+    """A snapshot of one stored effect, as much of it as decisions need (slotted, not frozen: one is
+    built per lookup on the hot path; nothing mutates it)."""
 
     key: str
     workflow_id: str

@@ -306,28 +306,11 @@ class Hot:
     @staticmethod
     def params(spec: _Sql, values: Any) -> dict[str, Any]:
         """Bind values through the dialect's processors, over the statement's literal defaults."""
-        out = dict(spec.defaults)
-        binds = spec.binds
-        for k, v in values.items():
-            proc = binds.get(k)
-            out[k] = proc(v) if proc is not None and v is not None else v
-        return out
-
-    @staticmethod
-    def params_many(spec: _Sql, rows: Any) -> list[dict[str, Any]]:
-        """``params`` for many value sets with the same names (batched audit rows): the processors are
-        looked up once, not per row."""
-        if not rows:
-            return []
-        procs = [(name, spec.binds.get(name)) for name in rows[0]]
-        defaults = spec.defaults
-        out = []
-        for values in rows:
-            bound = dict(defaults)
-            for name, proc in procs:
-                v = values[name]
-                bound[name] = proc(v) if proc is not None and v is not None else v
-            out.append(bound)
+        out = {**spec.defaults, **values}
+        for name, proc in spec.binds.items():
+            v = out.get(name)
+            if v is not None:
+                out[name] = proc(v)
         return out
 
     def row(self, values: tuple[Any, ...], offset: int = 0) -> dict[str, Any]:
@@ -401,7 +384,7 @@ class Hot:
     def _pg(self, conn: Any, work: Work) -> Any:
         if work.fast == "events":  # batched replay records (written by the sync flusher only)
             with conn.cursor() as cur:
-                cur.executemany(self.event.sql, self.params_many(self.event, work.steps[0][1]))
+                cur.executemany(self.event.sql, [self.params(self.event, r) for r in work.steps[0][1]])
             return len(work.steps[0][1])
         steps = self._pg_steps(work)
         got: Any = None
@@ -443,7 +426,7 @@ class Hot:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if kind == "events":
-                conn.executemany(self.event.sql, self.params_many(self.event, work.steps[0][1]))
+                conn.executemany(self.event.sql, [self.params(self.event, r) for r in work.steps[0][1]])
                 conn.execute("COMMIT")
                 return len(work.steps[0][1])
             if kind == "claim":

@@ -106,6 +106,10 @@ def _storage_error(e: exc.SQLAlchemyError, label: str) -> StorageError:
     return StorageError(f"database error during {label or 'a ledger operation'}: {text.strip()}")
 
 
+def _unreachable(e: OSError, label: str) -> StorageError:
+    return StorageError(f"database unreachable during {label or 'a ledger operation'}: {e}")
+
+
 @contextlib.contextmanager
 def _mapped(label: str) -> Iterator[None]:
     try:
@@ -113,7 +117,7 @@ def _mapped(label: str) -> Iterator[None]:
     except exc.SQLAlchemyError as e:
         raise _storage_error(e, label) from e
     except OSError as e:
-        raise StorageError(f"database unreachable during {label or 'a ledger operation'}: {e}") from e
+        raise _unreachable(e, label) from e
 
 
 def _outcome(res: Any, returns: str) -> Any:
@@ -326,9 +330,13 @@ class Runtime:
     def do(self, work: Work) -> Any:
         """Run one unit of work on the sync engine, in one transaction."""
         self.ensure_schema()
-        if work.fast is not None:
-            with _mapped(work.label):
+        if work.fast is not None:  # the hot path maps errors as _mapped does, without a context manager
+            try:
                 return self.hot.run(self._pool(), work)
+            except exc.SQLAlchemyError as e:
+                raise _storage_error(e, work.label) from e
+            except OSError as e:
+                raise _unreachable(e, work.label) from e
         with _mapped(work.label), self.engine.connect() as conn:
             if not work.write:
                 conn.execution_options(agent_ledger_read=True)

@@ -25,7 +25,7 @@ __all__ = ["Store", "Work", "row_from_mapping"]
 Returns = Literal["row", "rows", "rowcount", "none"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Work:
     """Statements to run in one transaction.
 
@@ -46,6 +46,29 @@ class Work:
 
 def _p(params: Mapping[str, Any]) -> dict[str, Any]:
     return {f"p_{k}": v for k, v in params.items()}
+
+
+def _claim_params(
+    key: str,
+    workflow_id: str,
+    tool: str,
+    payload_hash: str,
+    args: Any,
+    owner: str,
+    lease_expires_at: datetime,
+    now: datetime,
+) -> dict[str, Any]:
+    """The claim's parameters, already under their bound names (built on every new call)."""
+    return {
+        "p_key": key,
+        "p_workflow_id": workflow_id,
+        "p_tool": tool,
+        "p_payload_hash": payload_hash,
+        "p_args": args,
+        "p_owner": owner,
+        "p_lease_expires_at": lease_expires_at,
+        "p_now": now,
+    }
 
 
 def row_from_mapping(m: Mapping[str, Any]) -> Row:
@@ -507,26 +530,28 @@ class Store:
         now: datetime,
     ) -> Work:
         """Insert the row as ``running`` for ``owner``; returns a row only to the one caller that wins."""
-        params = {
-            "key": key,
-            "workflow_id": workflow_id,
-            "tool": tool,
-            "payload_hash": payload_hash,
-            "args": args,
-            "owner": owner,
-            "lease_expires_at": lease_expires_at,
-            "now": now,
-        }
-        return Work(((self._claim_new, _p(params)),), returns="row", label="claim", fast="claim")
+        params = _claim_params(key, workflow_id, tool, payload_hash, args, owner, lease_expires_at, now)
+        return Work(((self._claim_new, params),), returns="row", label="claim", fast="claim")
 
-    def claim_or_load(self, **kwargs: Any) -> Work:
+    def claim_or_load(
+        self,
+        *,
+        key: str,
+        workflow_id: str,
+        tool: str,
+        payload_hash: str,
+        args: Any,
+        owner: str,
+        lease_expires_at: datetime,
+        now: datetime,
+    ) -> Work:
         """Return the stored row of the key, or claim the key as ``claim_new`` would when it is absent.
 
         The result has ``claimed`` (True: we won the claim; False: the stored row follows), or is None
         when a concurrent claim won in between (look again).
         """
-        work = self.claim_new(**kwargs)
-        return Work(work.steps, "row", True, "claim", fast="claim_or_load")
+        params = _claim_params(key, workflow_id, tool, payload_hash, args, owner, lease_expires_at, now)
+        return Work(((self._claim_new, params),), "row", True, "claim", fast="claim_or_load")
 
     def claim_again(
         self,
@@ -588,24 +613,24 @@ class Store:
     ) -> Work:
         """Record the outcome of our own attempt, fenced on owner and attempt, with its audit row."""
         status = transition(Status.RUNNING, event)
-        params = {
-            "retain_until": retain_until,
-            "key": key,
-            "owner": owner,
-            "attempt": attempt,
-            "status": status.value,
-            "result": result,
-            "result_replayable": result_replayable,
-            "result_repr": result_repr,
-            "error": error,
-            "now": now,
+        params = {  # under their bound names: built on every call
+            "p_retain_until": retain_until,
+            "p_key": key,
+            "p_owner": owner,
+            "p_attempt": attempt,
+            "p_status": status.value,
+            "p_result": result,
+            "p_result_replayable": result_replayable,
+            "p_result_repr": result_repr,
+            "p_error": error,
+            "p_now": now,
         }
         if event == "succeed":
             # The effect row is the execution record of a success (succeeded is terminal, so nothing
             # overwrites it); history() shows it as a "succeeded" event. One write per call, not two.
-            return Work(((self._complete, _p(params)),), label=event, fast="finish")
+            return Work(((self._complete, params),), label=event, fast="finish")
         audit = self._event_params(key, workflow_id, tool, status.value, attempt, owner, now, dict(detail or {}))
-        return Work(((self._complete, _p(params)), (self._event, _p(audit))), label=event, fast="finish")
+        return Work(((self._complete, params), (self._event, _p(audit))), label=event, fast="finish")
 
     def mark_unknown(self, *, row: Row, now: datetime, by: str, detail: Mapping[str, Any]) -> Work:
         """Record that the observed attempt's outcome is unknown (its owner died or its lease ran out)."""
