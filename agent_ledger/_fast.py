@@ -26,7 +26,7 @@ from sqlalchemy import JSON, Dialect, Engine, event, exc
 from ._schema import UTCDateTime
 from ._store import Store, Work
 
-__all__ = ["AsyncPool", "Hot", "SyncPool", "install_idle_ping"]
+__all__ = ["HOP", "AsyncPool", "Hot", "SyncPool", "install_idle_ping"]
 
 log = logging.getLogger("agent_ledger")
 
@@ -119,6 +119,21 @@ def _compile(stmt: Any, dialect: Dialect) -> _Sql:
     return _Sql(compiled.string, defaults, binds)
 
 
+HOP = object()
+"""``Hot.read_inline``'s answer when the unit of work must run in the worker thread."""
+
+
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # SQLite's primary result codes (stable C API values)
+
+
+def _is_busy(e: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused for a lock (as opposed to a broken file or a missing table)."""
+    code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "locked" in str(e)
+
+
 def _driver_errors(dialect: str) -> tuple[type[Exception], ...]:
     if dialect == "postgresql":
         import psycopg
@@ -139,10 +154,12 @@ class SyncPool:
     """Driver connections for the sync hot path: a plain stack under a lock (acquire/release cost about a
     microsecond, where a full pool checkout costs several), pinging a connection only after it sat idle."""
 
-    def __init__(self, dialect: str, target: str, max_idle: int = 10) -> None:
+    def __init__(self, dialect: str, target: str, max_idle: int = 10, busy_timeout: float = 30.0) -> None:
         self.dialect = dialect
         self.target = target
         self.max_idle = max_idle
+        self.busy_timeout = busy_timeout
+        """Seconds a SQLite statement waits for a lock before failing (0 for the event loop's reads)."""
         self._idle: list[tuple[Any, float]] = []
         self._lock = threading.Lock()
         self.errors = _driver_errors(dialect)
@@ -156,8 +173,8 @@ class SyncPool:
             import psycopg
 
             return psycopg.connect(self.target, autocommit=True)
-        conn = sqlite3.connect(self.target, timeout=30, isolation_level=None, check_same_thread=False)
-        for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA busy_timeout=30000", "PRAGMA synchronous=FULL"):
+        conn = sqlite3.connect(self.target, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL"):
             conn.execute(pragma)
         return conn
 
@@ -444,6 +461,41 @@ class Hot:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def read_inline(self, pool: SyncPool, work: Work) -> Any:
+        """Async SQLite: the lock-free lookup of a unit, run on the event loop itself, or ``HOP``.
+
+        An indexed read in WAL mode never waits for writers and costs a few microseconds, where a hop
+        to a worker thread costs ten times that. So a lookup (``load``, or the read-first half of
+        ``claim_or_load``) runs here, on a connection that does not wait for locks; anything that
+        writes or waits (a claim, a read that meets a lock) returns ``HOP`` and runs in the worker
+        thread as a whole unit.
+        """
+        kind = work.fast
+        if kind != "load" and (kind != "claim_or_load" or self.expect_new()):
+            return HOP
+        conn = None
+        healthy = False
+        try:
+            conn = pool.acquire()
+            found = conn.execute(self.load.sql, self.params(self.load, work.steps[0][1])).fetchone()
+            healthy = True
+        except sqlite3.OperationalError as e:
+            if not _is_busy(e):
+                raise exc.DBAPIError.instance(None, None, e, sqlite3.Error) from e
+            healthy = True
+            return HOP  # locked (a rare WAL recovery or an exclusive-mode connection): wait in the thread
+        except sqlite3.Error as e:
+            raise exc.DBAPIError.instance(None, None, e, sqlite3.Error) from e
+        finally:
+            if conn is not None:
+                pool.release(conn, healthy)
+        if kind == "load":
+            return self.row(found) if found is not None else None
+        if found is None:
+            return HOP  # absent: claim it in the worker thread
+        self.saw(new=False)
+        return {"claimed": False, **self.row(found)}
 
     # -- async ------------------------------------------------------------------------------
 

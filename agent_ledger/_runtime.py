@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, exc, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from ._fast import AsyncPool, Hot, SyncPool, install_idle_ping
+from ._fast import HOP, AsyncPool, Hot, SyncPool, install_idle_ping
 from ._flow import Beat, Db, Invoke, Notify, Op, Replayed, Sleep, StopBeat, utcnow
 from ._models import approval_from_row
 from ._schema import Tables
@@ -168,6 +168,7 @@ class Runtime:
         self._engine: Engine | None = None
         self._hot: Hot | None = None
         self._spool: SyncPool | None = None
+        self._rpool: SyncPool | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncPool] = weakref.WeakKeyDictionary()
         self._aengines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = weakref.WeakKeyDictionary()
@@ -232,6 +233,14 @@ class Runtime:
                 if self._spool is None:
                     self._spool = SyncPool(self.dialect, self._driver_target())
         return self._spool
+
+    def _reader(self) -> SyncPool:
+        """SQLite connections for lookups on the event loop: they never wait for a lock."""
+        if self._rpool is None:
+            with self._lock:
+                if self._rpool is None:
+                    self._rpool = SyncPool(self.dialect, self._driver_target(), busy_timeout=0.0)
+        return self._rpool
 
     def _apool(self) -> AsyncPool:
         loop = asyncio.get_running_loop()
@@ -374,8 +383,12 @@ class Runtime:
         if work.fast is not None:
             with _mapped(work.label):
                 if self.dialect == "sqlite":
-                    # SQLite has no asynchronous I/O (aiosqlite is a thread too): run the whole unit of
-                    # work in one hop to a worker thread instead of one hop per statement.
+                    # SQLite has no asynchronous I/O (aiosqlite is a thread too). A lookup runs on the
+                    # loop (it never waits for a lock); anything else runs as one unit in one hop to a
+                    # worker thread, instead of one hop per statement.
+                    found = self.hot.read_inline(self._reader(), work)
+                    if found is not HOP:
+                        return found
                     loop = asyncio.get_running_loop()
                     return await loop.run_in_executor(self._sqlite_executor(), self.hot.run, self._pool(), work)
                 return await self.hot.arun(self._apool(), work)
@@ -571,8 +584,9 @@ class Runtime:
             self._engine.dispose()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
-        if self._spool is not None:
-            self._spool.close()
+        for pool in (self._spool, self._rpool):
+            if pool is not None:
+                pool.close()
 
     async def aclose(self) -> None:
         """``close()`` plus disposing the async engine."""
@@ -589,7 +603,7 @@ class Runtime:
         """In a forked child: drop inherited connections and threads (they belong to the parent)."""
         if self._engine is not None:
             self._engine.dispose(close=False)
-        self._spool = None  # the parent's connections stay the parent's
+        self._spool = self._rpool = None  # the parent's connections stay the parent's
         self._executor = None
         self._aengines = weakref.WeakKeyDictionary()
         self._apools = weakref.WeakKeyDictionary()

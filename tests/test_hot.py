@@ -85,3 +85,134 @@ def test_hot_and_core_paths_read_the_same_row(make_ledger: Any) -> None:
     assert record.args == {"amount": 7, "when": "2026-03-04T03:06:07.890123Z"}
     assert record.started_at is not None and record.finished_at is not None
     assert record.started_at.tzinfo is not None and record.started_at <= record.finished_at
+
+
+# -- async lookups never wait behind a writer, and the event loop never waits for a lock -------------
+
+HOLD_LOCK = r"""
+import sys
+url, mode = sys.argv[1], sys.argv[2]
+if url.startswith("sqlite"):
+    import sqlite3
+    conn = sqlite3.connect(url.split("///", 1)[1], isolation_level=None)
+    if mode == "exclusive":  # a connection in exclusive locking mode: even WAL readers must wait
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE agent_ledger_effects SET owner = owner WHERE 0")
+    if mode == "exclusive":
+        conn.execute("SELECT count(*) FROM agent_ledger_effects").fetchone()
+else:
+    import psycopg
+    conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
+    conn.execute("LOCK TABLE agent_ledger_effects IN EXCLUSIVE MODE")  # writers wait, plain reads do not
+print("locked", flush=True)
+sys.stdin.readline()
+conn.rollback() if not url.startswith("sqlite") else conn.execute("ROLLBACK")
+conn.close()
+"""
+
+
+class _Locker:
+    """Another process holding the ledger's table locked until ``release()``."""
+
+    def __init__(self, url: str, mode: str = "write") -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, url, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        assert self.proc.wait(timeout=30) == 0
+
+
+async def _ticks_while(awaitable: Any, seconds: float) -> tuple[Any, int]:
+    """Await ``awaitable`` after ``seconds`` of letting it run, counting 10 ms ticks of the loop meanwhile."""
+    import asyncio
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    t = asyncio.create_task(ticker())
+    task = asyncio.ensure_future(awaitable)
+    await asyncio.sleep(seconds)
+    t.cancel()
+    return task, ticks
+
+
+async def test_async_replays_do_not_wait_for_a_writer_and_claims_wait_off_the_loop(
+    db_url: str, make_ledger: Any
+) -> None:
+    import asyncio
+
+    ledger: Ledger = make_ledger()
+    ran: list[str] = []
+
+    async def send(to: str) -> str:
+        ran.append(to)
+        return f"sent to {to}"
+
+    done = await ledger.arun(ToolCall(workflow_id="wf-lock", tool="send", args={"to": "a"}), handler=send)
+    fresh = make_ledger()  # a retry from a fresh process
+    locker = _Locker(db_url)
+    try:
+        # A replay is a plain read: it answers while another process holds the table for writing.
+        again = await asyncio.wait_for(
+            fresh.arun(ToolCall(workflow_id="wf-lock", tool="send", args={"to": "a"}), handler=send), 5
+        )
+        assert again == done == "sent to a"
+        # A new call must claim, so it waits for the lock, and the event loop keeps running meanwhile.
+        new = fresh.arun(ToolCall(workflow_id="wf-lock", tool="send", args={"to": "b"}), handler=send)
+        task, ticks = await _ticks_while(new, 0.5)
+        assert not task.done(), "the claim should be waiting for the other process's lock"
+        assert ticks >= 20, f"the event loop ran only {ticks} ticks in 0.5 s: something blocked it"
+    finally:
+        locker.release()
+    assert await asyncio.wait_for(task, 30) == "sent to b"
+    assert ran == ["a", "b"]
+
+
+async def test_async_sqlite_lookup_that_meets_a_lock_waits_off_the_loop(sqlite_url: str) -> None:
+    """A WAL read fails at once only against an exclusive-mode connection: it then waits in the worker
+    thread, never on the event loop, and replays once the lock is gone."""
+    import asyncio
+
+    writer = Ledger(sqlite_url, auto_migrate=True)
+    fresh = Ledger(sqlite_url)
+    ran: list[str] = []
+
+    def send(to: str) -> str:
+        ran.append(to)
+        return f"sent to {to}"
+
+    try:
+        await writer.arun(ToolCall(workflow_id="wf-x", tool="send", args={"to": "a"}), handler=send)
+        await fresh.arun(ToolCall(workflow_id="wf-x", tool="warm", args={}), handler=lambda: None)  # schema checked
+        # Exclusive locking mode needs every other connection closed first (the ledgers reopen theirs).
+        await writer.aclose()
+        for pool in (fresh._rt._reader(), fresh._rt._pool()):
+            pool.close()
+        await fresh._rt.aengine.dispose()
+        locker = _Locker(sqlite_url, "exclusive")
+        try:
+            replay = fresh.arun(ToolCall(workflow_id="wf-x", tool="send", args={"to": "a"}), handler=send)
+            task, ticks = await _ticks_while(replay, 0.5)
+            assert not task.done(), "the lookup should be waiting for the exclusive lock"
+            assert ticks >= 20, f"the event loop ran only {ticks} ticks in 0.5 s: something blocked it"
+        finally:
+            locker.release()
+        assert await asyncio.wait_for(task, 30) == "sent to a"
+        assert ran == ["a"]
+    finally:
+        await writer.aclose()
+        await fresh.aclose()
