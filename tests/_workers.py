@@ -244,3 +244,18 @@ def chat_agent(url: str, log: str, run_no: int, die_after_charge: bool, record_t
             if not calls:
                 log_line(log, f"answer {completion.choices[0].message.content}")
     ledger.close()
+
+
+def slow_winner(url: str, workflow: str, log: str, work_seconds: float, results: Any) -> None:
+    """Run one call whose handler takes ``work_seconds``; report when ``run`` returned (after its commit)."""
+    ledger = Ledger(url)
+
+    def handler(n: int) -> str:
+        log_line(log, f"start {os.getpid()}")
+        results.put(("started", time.time()))
+        time.sleep(work_seconds)
+        return "winner's result"
+
+    out = ledger.run(ToolCall(workflow_id=workflow, tool="slow", args={"n": 1}), handler=handler)
+    results.put(("committed", time.time(), out))
+    ledger.close()

@@ -254,3 +254,42 @@ def test_postgres_restart_mid_flight(pg_server_factory: Callable[..., Any], tmp_
         assert executions[i] <= 1
     assert led.run(ToolCall(workflow_id="steady", tool="square", args={"i": calls}), handler=lambda i: -1) == -1
     led.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_waiters_see_the_winners_result_at_once(
+    db_url: str, make_ledger: Callable[..., Ledger], tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter on a key another process is executing returns right after the winner commits. On
+    Postgres the winner's NOTIFY wakes it: polling is slowed to 10 s here, so only the notification can
+    explain a prompt return. SQLite has no notifications: its waiters poll every few milliseconds."""
+    import asyncio
+
+    from agent_ledger import _flow
+
+    if db_url.startswith("postgresql"):
+        monkeypatch.setattr(_flow, "POLL_FIRST", 10.0)
+        monkeypatch.setattr(_flow, "POLL_CAPS", ((float("inf"), 10.0),))
+    waiter = make_ledger(wait=60)
+    waiter.migrate()
+    log, results = str(tmp_path / "slow.log"), ctx.Queue()
+    p = ctx.Process(target=_workers.slow_winner, args=(db_url, "wf-wake", log, 1.0, results))
+    p.start()
+    try:
+        assert results.get(timeout=60)[0] == "started"
+        ran: list[int] = []
+
+        def handler(n: int) -> str:
+            ran.append(n)
+            return "waiter's result"
+
+        call = ToolCall(workflow_id="wf-wake", tool="slow", args={"n": 1})
+        got = waiter.run(call, handler=handler) if mode == "sync" else asyncio.run(waiter.arun(call, handler=handler))
+        returned = time.time()
+        kind, committed, theirs = results.get(timeout=60)
+    finally:
+        p.join(60)
+    assert kind == "committed" and theirs == got == "winner's result"
+    assert ran == [] and len(read_lines(log)) == 1, "exactly one execution, by the winner"
+    lag = returned - committed
+    assert lag < 1.0, f"the waiter returned {lag:.3f} s after the winner's commit"
