@@ -11,7 +11,6 @@ looks the key up and claims it on the same pooled connection, in one unit of wor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sqlite3
@@ -27,7 +26,7 @@ from sqlalchemy import JSON, Dialect, Engine, event, exc
 from ._schema import UTCDateTime
 from ._store import Store, Work
 
-__all__ = ["HOP", "AsyncPool", "Hot", "Listener", "SyncPool", "install_idle_ping", "notify_channel"]
+__all__ = ["HOP", "AsyncPool", "Hot", "SyncPool", "install_idle_ping"]
 
 log = logging.getLogger("agent_ledger")
 
@@ -277,77 +276,6 @@ class AsyncPool:
             await self._close(self._idle.pop()[0])
 
 
-def notify_channel(store: Store) -> str:
-    """The Postgres ``NOTIFY`` channel on which completions of this store's keys are announced."""
-    return f"{store.tables.effects.name[:56]}_done"
-
-
-class Listener:
-    """Postgres only: one ``LISTEN`` connection per process, in a daemon thread, that wakes this
-    process's waiters when the key they wait for finishes somewhere.
-
-    A waiter registers a wake-up callback for its key and still sleeps at most its poll pause: a
-    notification only ends the pause early. If the listening connection fails it reconnects after a
-    second; meanwhile waiters poll as they would without it. Nothing depends on a notification arriving.
-    """
-
-    def __init__(self, target: str, channel: str) -> None:
-        self.target = target
-        self.channel = channel
-        self._waiters: dict[str, list[Callable[[], None]]] = {}
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def watch(self, key: str, wake: Callable[[], None]) -> None:
-        """Call ``wake()`` (from the listener thread) when ``key`` finishes; starts the thread if needed."""
-        with self._lock:
-            self._waiters.setdefault(key, []).append(wake)
-            if self._thread is None and not self._closed:
-                self._thread = threading.Thread(target=self._loop, name="agent-ledger-listen", daemon=True)
-                self._thread.start()
-
-    def unwatch(self, key: str, wake: Callable[[], None]) -> None:
-        """Forget a wake-up registered with ``watch``."""
-        with self._lock:
-            found = self._waiters.get(key)
-            if found is not None:
-                with contextlib.suppress(ValueError):
-                    found.remove(wake)
-                if not found:
-                    del self._waiters[key]
-
-    def close(self) -> None:
-        """Stop listening (the thread ends within a second)."""
-        self._closed = True
-
-    def _wake(self, key: str) -> None:
-        with self._lock:
-            wakes = list(self._waiters.get(key, ()))
-        for wake in wakes:
-            try:
-                wake()
-            except Exception:  # e.g. the waiter's event loop is closed: it is not waiting any more
-                log.debug("waking a waiter of %s failed", key, exc_info=True)
-
-    def _loop(self) -> None:
-        import psycopg
-        from psycopg import sql
-
-        while not self._closed:
-            try:
-                with psycopg.connect(self.target, autocommit=True) as conn:
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                    while not self._closed:
-                        for note in conn.notifies(timeout=1.0):
-                            self._wake(note.payload)
-            except Exception:
-                if self._closed:
-                    return
-                log.debug("the LISTEN connection failed; waiters poll until it is back", exc_info=True)
-                time.sleep(1.0)
-
-
 class Hot:
     """Prebuilt hot statements for one store on one (sync or async) engine's dialect."""
 
@@ -373,22 +301,13 @@ class Hot:
             prep = dialect.identifier_preparer
             events = prep.format_table(ev)
             event_binds = {f"e_{k[2:]}": v for k, v in self.event.binds.items()}
-            # Completions tell waiting processes at commit (NOTIFY on the channel, payload the key), so
-            # a waiter wakes at once instead of at its next poll.
-            self.channel = notify_channel(store)
-            notify = {**self.complete.defaults, "notify_channel": self.channel}
-            self.succeed = _Sql(
-                f"WITH u AS ({self.complete.sql} RETURNING key) SELECT pg_notify(%(notify_channel)s, u.key) FROM u",
-                notify,
-                self.complete.binds,
-            )
             self.finish = _Sql(
                 f"WITH u AS ({self.complete.sql} RETURNING key) "
                 f"INSERT INTO {events} (key, workflow_id, tool, kind, attempt, owner, at, detail) "
                 f"SELECT u.key, %(e_workflow_id)s::VARCHAR, %(e_tool)s::VARCHAR, %(e_kind)s::VARCHAR, "
                 f"%(e_attempt)s::INTEGER, %(e_owner)s::VARCHAR, %(e_at)s::TIMESTAMP WITH TIME ZONE, "
-                f"%(e_detail)s::JSONB FROM u CROSS JOIN LATERAL (SELECT pg_notify(%(notify_channel)s, u.key)) AS n",
-                notify,
+                f"%(e_detail)s::JSONB FROM u",
+                self.complete.defaults,
                 {**self.complete.binds, **event_binds},
             )
 
@@ -475,7 +394,7 @@ class Hot:
             return {"attempt": found[0]} if found is not None else None
         if kind == "finish":
             if len(work.steps) == 1:  # a success: the update alone is the record
-                return (yield self.succeed.sql, self.params(self.succeed, values), False)
+                return (yield self.complete.sql, self.params(self.complete, values), False)
             return (yield self.finish.sql, self.params(self.finish, self.finish_params(work)), False)
         raise AssertionError(kind)  # pragma: no cover
 

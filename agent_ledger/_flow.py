@@ -152,9 +152,6 @@ class Sleep:
     """Wait this many seconds before looking again."""
 
     seconds: float
-    key: str | None = None
-    """Wake early when this key's running attempt finishes, where the driver can be told (Postgres
-    ``LISTEN``/``NOTIFY``); the pause stays the bound either way."""
 
 
 @dataclass(slots=True)
@@ -282,25 +279,12 @@ def _decoded(plan: Plan, row: Row) -> Any:
 # -- the flow ---------------------------------------------------------------------------------
 
 
-POLL_FIRST = 0.002
-"""A waiter's first pause (seconds) before looking at a running key again."""
-POLL_CAPS: tuple[tuple[float, float], ...] = ((1.0, 0.005), (2.0, 0.01), (math.inf, 0.1))
-"""(waited less than, longest pause): poll fast while the winner is likely about to finish, then back
-off. On Postgres a waiter is also woken by the winner's ``NOTIFY``; polling is the bound."""
-
-
-def next_poll(delay: float, waited: float) -> float:
-    """The pause after ``delay`` for a waiter that has waited ``waited`` seconds."""
-    cap = next(c for until, c in POLL_CAPS if waited < until)
-    return min(delay * 2, cap)
-
-
 def execute(plan: Plan) -> Generator[Op, Any, Any]:
     """Carry a call through the ledger: decide, claim, run, record; replay or refuse when settled."""
     store = plan.store
     request = Request(plan.key, plan.payload_hash, plan.args, plan.policy)
     began = time.monotonic()
-    delay = POLL_FIRST
+    delay = 0.002
     if plan.approval is None:
         # Look the key up and, when absent, claim it in the same unit of work: a replay costs one read,
         # a new call one read and the claim on the same pooled connection.
@@ -380,8 +364,10 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
             pause = min(delay, plan.wait - waited)
             if decision.lease_expires_at is not None:
                 pause = min(pause, max(0.001, (decision.lease_expires_at - now).total_seconds() + 0.001))
-            yield Sleep(pause, plan.key)
-            delay = next_poll(delay, waited)
+            yield Sleep(pause)
+            # Poll fast while the winner is likely about to finish, then back off: waiters see a result
+            # within a few ms of its commit in the first seconds, without hammering the database later.
+            delay = min(delay * 2, 0.005 if waited < 1.0 else 0.01 if waited < 2.0 else 0.1)
             found = yield Db(store.load(plan.key))
             continue
 

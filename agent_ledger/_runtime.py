@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, exc, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from ._fast import HOP, AsyncPool, Hot, Listener, SyncPool, install_idle_ping, notify_channel
+from ._fast import HOP, AsyncPool, Hot, SyncPool, install_idle_ping
 from ._flow import Beat, Db, Invoke, Notify, Op, Replayed, Sleep, StopBeat, utcnow
 from ._models import approval_from_row
 from ._schema import Tables
@@ -106,11 +106,6 @@ def _storage_error(e: exc.SQLAlchemyError, label: str) -> StorageError:
     return StorageError(f"database error during {label or 'a ledger operation'}: {text.strip()}")
 
 
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 def _unreachable(e: OSError, label: str) -> StorageError:
     return StorageError(f"database unreachable during {label or 'a ledger operation'}: {e}")
 
@@ -174,7 +169,6 @@ class Runtime:
         self._hot: Hot | None = None
         self._spool: SyncPool | None = None
         self._rpool: SyncPool | None = None
-        self._listen: Listener | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncPool] = weakref.WeakKeyDictionary()
         self._aengines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = weakref.WeakKeyDictionary()
@@ -239,16 +233,6 @@ class Runtime:
                 if self._spool is None:
                     self._spool = SyncPool(self.dialect, self._driver_target())
         return self._spool
-
-    def _listener(self, key: str | None) -> Listener | None:
-        """The process's Postgres LISTEN thread for waiters of ``key`` (None: just sleep)."""
-        if key is None or self.dialect != "postgresql":
-            return None
-        if self._listen is None:
-            with self._lock:
-                if self._listen is None:
-                    self._listen = Listener(self._driver_target(), notify_channel(self.store))
-        return self._listen
 
     def _reader(self) -> SyncPool:
         """SQLite connections for lookups on the event loop: they never wait for a lock."""
@@ -456,17 +440,7 @@ class Runtime:
             self._replays.add(op.event)
             return None
         if isinstance(op, Sleep):
-            listener = self._listener(op.key)
-            if listener is None:
-                time.sleep(op.seconds)
-                return None
-            assert op.key is not None
-            woken = threading.Event()
-            listener.watch(op.key, woken.set)
-            try:
-                woken.wait(op.seconds)
-            finally:
-                listener.unwatch(op.key, woken.set)
+            time.sleep(op.seconds)
             return None
         if isinstance(op, Beat):
             return self.heartbeats.start(op)
@@ -506,23 +480,7 @@ class Runtime:
                 value = await value
             return value
         if isinstance(op, Sleep):
-            listener = self._listener(op.key)
-            if listener is None:
-                await asyncio.sleep(op.seconds)
-                return None
-            assert op.key is not None
-            loop = asyncio.get_running_loop()
-            woken = loop.create_future()
-
-            def wake() -> None:  # called from the listener thread
-                loop.call_soon_threadsafe(_settle, woken)
-
-            listener.watch(op.key, wake)
-            try:
-                await asyncio.wait({woken}, timeout=op.seconds)
-            finally:
-                listener.unwatch(op.key, wake)
-                woken.cancel()
+            await asyncio.sleep(op.seconds)
             return None
         if isinstance(op, Beat):
             return asyncio.get_running_loop().create_task(self._abeat(op))
@@ -629,8 +587,6 @@ class Runtime:
         for pool in (self._spool, self._rpool):
             if pool is not None:
                 pool.close()
-        if self._listen is not None:
-            self._listen.close()
 
     async def aclose(self) -> None:
         """``close()`` plus disposing the async engine."""
@@ -648,7 +604,6 @@ class Runtime:
         if self._engine is not None:
             self._engine.dispose(close=False)
         self._spool = self._rpool = None  # the parent's connections stay the parent's
-        self._listen = None
         self._executor = None
         self._aengines = weakref.WeakKeyDictionary()
         self._apools = weakref.WeakKeyDictionary()
