@@ -78,9 +78,13 @@ def _sqlite_datetime_result(value: Any) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value).replace(tzinfo=_UTC)
 
 
-def _sqlite_json_result(value: Any) -> Any:
+def _sqlite_json_result(loads: Callable[[str], Any]) -> Callable[[Any], Any]:
     """A stored SQLite JSON value, as the dialect's JSON type reads it (numbers may come back as such)."""
-    return json.loads(value) if isinstance(value, str) else value
+
+    def process(value: Any) -> Any:
+        return loads(value) if isinstance(value, str) else value
+
+    return process
 
 
 def _bind_processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
@@ -90,7 +94,8 @@ def _bind_processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None
         if isinstance(type_, UTCDateTime):
             return _sqlite_datetime_bind
         if isinstance(type_, JSON):
-            return json.dumps
+            dumps: Callable[[Any], Any] = getattr(dialect, "_json_serializer", None) or json.dumps
+            return dumps  # what the dialect's processor calls, without its two Python layers
     proc: Callable[[Any], Any] | None = type_._cached_bind_processor(dialect)
     return proc
 
@@ -101,7 +106,7 @@ def _result_processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | No
         if isinstance(type_, UTCDateTime):
             return _sqlite_datetime_result
         if isinstance(type_, JSON):
-            return _sqlite_json_result
+            return _sqlite_json_result(getattr(dialect, "_json_deserializer", None) or json.loads)
     proc: Callable[[Any], Any] | None = type_._cached_result_processor(dialect, None)
     return proc
 
@@ -123,14 +128,14 @@ HOP = object()
 """``Hot.read_inline``'s answer when the unit of work must run in the worker thread."""
 
 
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # SQLite's primary result codes (stable C API values)
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_PROTOCOL = 5, 6, 15  # SQLite's primary result codes (C API values)
 
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:
     """Whether SQLite refused for a lock (as opposed to a broken file or a missing table)."""
     code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+
     if code is not None:
-        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_PROTOCOL)
     return "locked" in str(e)
 
 
@@ -154,12 +159,17 @@ class SyncPool:
     """Driver connections for the sync hot path: a plain stack under a lock (acquire/release cost about a
     microsecond, where a full pool checkout costs several), pinging a connection only after it sat idle."""
 
-    def __init__(self, dialect: str, target: str, max_idle: int = 10, busy_timeout: float = 30.0) -> None:
+    def __init__(
+        self, dialect: str, target: str, max_idle: int = 10, busy_timeout: float = 30.0, context: Any = None
+    ) -> None:
         self.dialect = dialect
         self.target = target
         self.max_idle = max_idle
         self.busy_timeout = busy_timeout
         """Seconds a SQLite statement waits for a lock before failing (0 for the event loop's reads)."""
+        self.context = context
+        """Postgres: the SQLAlchemy dialect's psycopg adapters (so JSON is loaded and dumped exactly as
+        the engine's connections do it, custom ``json_serializer``/``json_deserializer`` included)."""
         self._idle: list[tuple[Any, float]] = []
         self._lock = threading.Lock()
         self.errors = _driver_errors(dialect)
@@ -172,7 +182,7 @@ class SyncPool:
         if self.dialect == "postgresql":
             import psycopg
 
-            return psycopg.connect(self.target, autocommit=True)
+            return psycopg.connect(self.target, autocommit=True, context=self.context)
         conn = sqlite3.connect(self.target, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL"):
             conn.execute(pragma)
@@ -226,11 +236,13 @@ class AsyncPool:
     autocommit mode, so it keeps its own few, pinging one only after it sat idle.
     """
 
-    def __init__(self, target: str, max_idle: int = 10) -> None:
+    def __init__(self, target: str, max_idle: int = 10, context: Any = None) -> None:
         import psycopg
 
         self.target = target
         self.max_idle = max_idle
+        self.context = context
+        """The SQLAlchemy dialect's psycopg adapters, as for ``SyncPool``."""
         self._idle: list[tuple[Any, float]] = []
         self.errors: tuple[type[Exception], ...] = (psycopg.Error,)
 
@@ -241,7 +253,7 @@ class AsyncPool:
     async def _connect(self) -> Any:
         import psycopg
 
-        return await psycopg.AsyncConnection.connect(self.target, autocommit=True)
+        return await psycopg.AsyncConnection.connect(self.target, autocommit=True, context=self.context)
 
     async def acquire(self) -> Any:
         """An idle connection (pinged if it sat idle long), or a new one."""

@@ -231,8 +231,12 @@ class Runtime:
         if self._spool is None:
             with self._lock:
                 if self._spool is None:
-                    self._spool = SyncPool(self.dialect, self._driver_target())
+                    self._spool = SyncPool(self.dialect, self._driver_target(), context=self._adapters())
         return self._spool
+
+    def _adapters(self) -> Any:
+        """Postgres: the engine dialect's psycopg adapters map (None on SQLite)."""
+        return getattr(self.engine.dialect, "_psycopg_adapters_map", None)
 
     def _reader(self) -> SyncPool:
         """SQLite connections for lookups on the event loop: they never wait for a lock."""
@@ -246,7 +250,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         pool = self._apools.get(loop)
         if pool is None:
-            pool = self._apools[loop] = AsyncPool(self._driver_target())
+            pool = self._apools[loop] = AsyncPool(self._driver_target(), context=self._adapters())
         return pool
 
     @property
@@ -388,6 +392,7 @@ class Runtime:
                     # worker thread, instead of one hop per statement.
                     found = self.hot.read_inline(self._reader(), work)
                     if found is not HOP:
+                        await asyncio.sleep(0)  # still a real await: other tasks run, cancellation lands
                         return found
                     loop = asyncio.get_running_loop()
                     return await loop.run_in_executor(self._sqlite_executor(), self.hot.run, self._pool(), work)

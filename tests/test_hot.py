@@ -216,3 +216,79 @@ async def test_async_sqlite_lookup_that_meets_a_lock_waits_off_the_loop(sqlite_u
     finally:
         await writer.aclose()
         await fresh.aclose()
+
+
+def test_hot_path_uses_the_engines_json_settings(db_url: str) -> None:
+    """``engine_options`` json_serializer / json_deserializer apply to replays (hot path) exactly as to
+    ``history()`` (Core path): here floats come back as Decimals on both."""
+    import functools
+    import json
+    from decimal import Decimal
+
+    options = {
+        "json_serializer": functools.partial(json.dumps, separators=(",", ":")),
+        "json_deserializer": functools.partial(json.loads, parse_float=Decimal),
+    }
+    writer = Ledger(db_url, auto_migrate=True, engine_options=options)
+    fresh = Ledger(db_url, engine_options=options)
+    ran: list[float] = []
+
+    def quote(amount: float) -> dict[str, Any]:
+        ran.append(amount)
+        return {"total": amount * 2, "lines": [0.5]}
+
+    try:
+        call = ToolCall(workflow_id="wf-json", tool="quote", args={"amount": 1.25})
+        assert writer.run(call, handler=quote) == {"total": 2.5, "lines": [0.5]}
+        replayed = fresh.run(call, handler=quote)
+        assert ran == [1.25]
+        assert replayed == {"total": Decimal("2.5"), "lines": [Decimal("0.5")]}
+        assert isinstance(replayed["total"], Decimal)
+        [record] = fresh.history("wf-json")
+        assert record.result == replayed
+        if db_url.startswith("sqlite"):  # the stored text is the configured serializer's (compact)
+            import sqlite3
+
+            path = db_url.split("///", 1)[1]
+            with sqlite3.connect(path) as conn:
+                (text,) = conn.execute(
+                    "SELECT result FROM agent_ledger_effects WHERE workflow_id = 'wf-json'"
+                ).fetchone()
+            assert text == '{"total":2.5,"lines":[0.5]}'
+    finally:
+        writer.close()
+        fresh.close()
+
+
+async def test_async_replays_let_other_tasks_run(db_url: str, make_ledger: Any) -> None:
+    """Each awaited replay suspends at least once (on SQLite the lookup itself runs on the loop), so a
+    loop of replays does not starve other tasks or delay their cancellation."""
+    import asyncio
+
+    ledger: Ledger = make_ledger()
+    ran: list[int] = []
+
+    async def fetch(n: int) -> int:
+        ran.append(n)
+        return n
+
+    for n in range(20):
+        await ledger.arun(ToolCall(workflow_id="wf-coop", tool="fetch", args={"n": n}), handler=fetch)
+    fresh = make_ledger()
+    await fresh.arun(ToolCall(workflow_id="wf-coop", tool="fetch", args={"n": 0}), handler=fetch)  # warm
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    t = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    start = ticks
+    for n in range(20):
+        assert await fresh.arun(ToolCall(workflow_id="wf-coop", tool="fetch", args={"n": n}), handler=fetch) == n
+    t.cancel()
+    assert ran == list(range(20)), "replays ran no handler"
+    assert ticks - start >= 20, f"another task ran only {ticks - start} times during 20 replays"
