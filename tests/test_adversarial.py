@@ -286,4 +286,4 @@ def test_waiters_see_the_winners_result_promptly(
     assert kind == "committed" and theirs == got == "winner's result"
     assert ran == [] and len(read_lines(log)) == 1, "exactly one execution, by the winner"
     lag = returned - committed
-    assert lag < 0.5, f"the waiter returned {lag:.3f} s after the winner's commit"
+    assert lag < 2.0, f"the waiter returned {lag:.3f} s after the winner's commit (its lease is 30 s)"
