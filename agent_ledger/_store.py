@@ -48,29 +48,6 @@ def _p(params: Mapping[str, Any]) -> dict[str, Any]:
     return {f"p_{k}": v for k, v in params.items()}
 
 
-def _claim_params(
-    key: str,
-    workflow_id: str,
-    tool: str,
-    payload_hash: str,
-    args: Any,
-    owner: str,
-    lease_expires_at: datetime,
-    now: datetime,
-) -> dict[str, Any]:
-    """The claim's parameters, already under their bound names (built on every new call)."""
-    return {
-        "p_key": key,
-        "p_workflow_id": workflow_id,
-        "p_tool": tool,
-        "p_payload_hash": payload_hash,
-        "p_args": args,
-        "p_owner": owner,
-        "p_lease_expires_at": lease_expires_at,
-        "p_now": now,
-    }
-
-
 def row_from_mapping(m: Mapping[str, Any]) -> Row:
     """Build a decision-core ``Row`` from a result mapping of the effects table."""
     return Row(
@@ -530,28 +507,26 @@ class Store:
         now: datetime,
     ) -> Work:
         """Insert the row as ``running`` for ``owner``; returns a row only to the one caller that wins."""
-        params = _claim_params(key, workflow_id, tool, payload_hash, args, owner, lease_expires_at, now)
+        params = {  # under their bound names: built on every new call
+            "p_key": key,
+            "p_workflow_id": workflow_id,
+            "p_tool": tool,
+            "p_payload_hash": payload_hash,
+            "p_args": args,
+            "p_owner": owner,
+            "p_lease_expires_at": lease_expires_at,
+            "p_now": now,
+        }
         return Work(((self._claim_new, params),), returns="row", label="claim", fast="claim")
 
-    def claim_or_load(
-        self,
-        *,
-        key: str,
-        workflow_id: str,
-        tool: str,
-        payload_hash: str,
-        args: Any,
-        owner: str,
-        lease_expires_at: datetime,
-        now: datetime,
-    ) -> Work:
-        """Return the stored row of the key, or claim the key as ``claim_new`` would when it is absent.
+    def claim_or_load(self, **claim: Any) -> Work:
+        """Return the stored row of the key, or claim the key as ``claim_new`` would when it is absent
+        (it takes ``claim_new``'s arguments).
 
         The result has ``claimed`` (True: we won the claim; False: the stored row follows), or is None
         when a concurrent claim won in between (look again).
         """
-        params = _claim_params(key, workflow_id, tool, payload_hash, args, owner, lease_expires_at, now)
-        return Work(((self._claim_new, params),), "row", True, "claim", fast="claim_or_load")
+        return Work(self.claim_new(**claim).steps, "row", True, "claim", fast="claim_or_load")
 
     def claim_again(
         self,

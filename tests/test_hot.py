@@ -131,23 +131,32 @@ class _Locker:
         assert self.proc.wait(timeout=30) == 0
 
 
-async def _ticks_while(awaitable: Any, seconds: float) -> tuple[Any, int]:
-    """Await ``awaitable`` after ``seconds`` of letting it run, counting 10 ms ticks of the loop meanwhile."""
+def _ticker(interval: float) -> tuple[Any, list[int]]:
+    """A task counting how often the event loop lets it wake every ``interval`` seconds: (task, [count])."""
     import asyncio
 
-    ticks = 0
+    count = [0]
 
-    async def ticker() -> None:
-        nonlocal ticks
+    async def tick() -> None:
         while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
+            await asyncio.sleep(interval)
+            count[0] += 1
 
-    t = asyncio.create_task(ticker())
+    return asyncio.create_task(tick()), count
+
+
+async def _waiting_off_the_loop(awaitable: Any, what: str) -> Any:
+    """Start ``awaitable`` and let it run 0.5 s: it must still be waiting (for the other process's lock)
+    while the event loop keeps ticking every 10 ms. Returns its task."""
+    import asyncio
+
+    ticker, count = _ticker(0.01)
     task = asyncio.ensure_future(awaitable)
-    await asyncio.sleep(seconds)
-    t.cancel()
-    return task, ticks
+    await asyncio.sleep(0.5)
+    ticker.cancel()
+    assert not task.done(), f"{what} should be waiting for the other process's lock"
+    assert count[0] >= 20, f"the event loop ran only {count[0]} ticks in 0.5 s: something blocked it"
+    return task
 
 
 async def test_async_replays_do_not_wait_for_a_writer_and_claims_wait_off_the_loop(
@@ -173,9 +182,7 @@ async def test_async_replays_do_not_wait_for_a_writer_and_claims_wait_off_the_lo
         assert again == done == "sent to a"
         # A new call must claim, so it waits for the lock, and the event loop keeps running meanwhile.
         new = fresh.arun(ToolCall(workflow_id="wf-lock", tool="send", args={"to": "b"}), handler=send)
-        task, ticks = await _ticks_while(new, 0.5)
-        assert not task.done(), "the claim should be waiting for the other process's lock"
-        assert ticks >= 20, f"the event loop ran only {ticks} ticks in 0.5 s: something blocked it"
+        task = await _waiting_off_the_loop(new, "the claim")
     finally:
         locker.release()
     assert await asyncio.wait_for(task, 30) == "sent to b"
@@ -206,9 +213,7 @@ async def test_async_sqlite_lookup_that_meets_a_lock_waits_off_the_loop(sqlite_u
         locker = _Locker(sqlite_url, "exclusive")
         try:
             replay = fresh.arun(ToolCall(workflow_id="wf-x", tool="send", args={"to": "a"}), handler=send)
-            task, ticks = await _ticks_while(replay, 0.5)
-            assert not task.done(), "the lookup should be waiting for the exclusive lock"
-            assert ticks >= 20, f"the event loop ran only {ticks} ticks in 0.5 s: something blocked it"
+            task = await _waiting_off_the_loop(replay, "the lookup")
         finally:
             locker.release()
         assert await asyncio.wait_for(task, 30) == "sent to a"
@@ -276,19 +281,12 @@ async def test_async_replays_let_other_tasks_run(db_url: str, make_ledger: Any) 
         await ledger.arun(ToolCall(workflow_id="wf-coop", tool="fetch", args={"n": n}), handler=fetch)
     fresh = make_ledger()
     await fresh.arun(ToolCall(workflow_id="wf-coop", tool="fetch", args={"n": 0}), handler=fetch)  # warm
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0)
-            ticks += 1
-
-    t = asyncio.create_task(ticker())
+    ticker, count = _ticker(0)
     await asyncio.sleep(0)
-    start = ticks
+    start = count[0]
     for n in range(20):
         assert await fresh.arun(ToolCall(workflow_id="wf-coop", tool="fetch", args={"n": n}), handler=fetch) == n
-    t.cancel()
+    ticker.cancel()
+    ticks = count[0] - start
     assert ran == list(range(20)), "replays ran no handler"
-    assert ticks - start >= 20, f"another task ran only {ticks - start} times during 20 replays"
+    assert ticks >= 20, f"another task ran only {ticks} times during 20 replays"
