@@ -125,7 +125,8 @@ def _compile(stmt: Any, dialect: Dialect) -> _Sql:
 
 
 HOP = object()
-"""``Hot.read_inline``'s answer when the unit of work must run in the worker thread."""
+"""A lookup's answer when more is needed: the key is absent and must be claimed (and for
+``Hot.read_inline``: the unit of work must run in the worker thread)."""
 
 
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_PROTOCOL = 5, 6, 15  # SQLite's primary result codes (C API values)
@@ -332,6 +333,22 @@ class Hot:
         it only picks which of two correct statement orders runs first)."""
         self._new_rate = 0.9 * self._new_rate + (0.1 if new else 0.0)
 
+    def reads_first(self, work: Work) -> bool:
+        """Whether a unit starts with a lock-free lookup: ``load``, or ``claim_or_load`` while this
+        ledger mostly sees replays (then a replay is one index read)."""
+        return work.fast == "load" or (work.fast == "claim_or_load" and not self.expect_new())
+
+    def looked_up(self, work: Work, found: Any) -> Any:
+        """The answer of that lookup, given the fetched row (or None): for ``load`` the row mapping or
+        None; for ``claim_or_load`` the stored row as not claimed, or ``HOP`` when the key is absent
+        and must be claimed next."""
+        if work.fast == "load":
+            return self.row(found) if found is not None else None
+        if found is None:
+            return HOP
+        self.saw(new=False)
+        return {"claimed": False, **self.row(found)}
+
     @staticmethod
     def params(spec: _Sql, values: Any) -> dict[str, Any]:
         """Bind values through the dialect's processors, over the statement's literal defaults."""
@@ -377,30 +394,27 @@ class Hot:
         (sql, params, fetch one row?) and receives the row (or the rowcount)."""
         kind = work.fast
         values = work.steps[0][1]
-        if kind == "load":
+        if self.reads_first(work):
+            # A lookup (for claim_or_load: the ledger mostly sees replays, e.g. an agent resuming, so a
+            # replay is one index read; an absent key is then claimed on the same connection. A
+            # racing claim that wins in between leaves us None, and the flow looks again).
             found = yield self.load.sql, self.params(self.load, values), True
-            return self.row(found) if found is not None else None
-        if kind == "claim_or_load":
-            if self.expect_new():
-                # Most recent calls were new keys: claim first (one round trip for a new call), and
-                # read the stored row only if the key turned out to exist.
-                won = yield self.claim.sql, self.params(self.claim, values), True
-                if won is not None:
-                    self.saw(new=True)
-                    return {"claimed": True}  # the flow needs nothing else of a row it just created
-                found = yield self.load.sql, self.params(self.load, values), True
-                self.saw(new=False)
-                return {"claimed": False, **self.row(found)} if found is not None else None
-            # Mostly replays (e.g. an agent resuming): a plain read first, so a replay is one index
-            # lookup; an absent key is then claimed on the same connection. A racing claim that wins
-            # in between leaves us None, and the flow looks again.
-            found = yield self.load.sql, self.params(self.load, values), True
-            if found is not None:
-                self.saw(new=False)
-                return {"claimed": False, **self.row(found)}
+            answer = self.looked_up(work, found)
+            if answer is not HOP:
+                return answer
             won = yield self.claim.sql, self.params(self.claim, values), True
             self.saw(new=True)
             return {"claimed": True} if won is not None else None
+        if kind == "claim_or_load":
+            # Most recent calls were new keys: claim first (one round trip for a new call), and read
+            # the stored row only if the key turned out to exist.
+            won = yield self.claim.sql, self.params(self.claim, values), True
+            if won is not None:
+                self.saw(new=True)
+                return {"claimed": True}  # the flow needs nothing else of a row it just created
+            found = yield self.load.sql, self.params(self.load, values), True
+            self.saw(new=False)
+            return {"claimed": False, **self.row(found)} if found is not None else None
         if kind == "claim":
             found = yield self.claim.sql, self.params(self.claim, values), True
             return {"attempt": found[0]} if found is not None else None
@@ -428,15 +442,11 @@ class Hot:
     def _sqlite(self, conn: Any, work: Work) -> Any:
         kind = work.fast
         values = work.steps[0][1]
-        if kind == "load":
-            found = conn.execute(self.load.sql, self.params(self.load, values)).fetchone()
-            return self.row(found) if found is not None else None
+        if self.reads_first(work):  # a lock-free read first
+            answer = self.looked_up(work, conn.execute(self.load.sql, self.params(self.load, values)).fetchone())
+            if answer is not HOP:
+                return answer
         if kind == "claim_or_load":
-            if not self.expect_new():  # mostly replays: a lock-free read first
-                found = conn.execute(self.load.sql, self.params(self.load, values)).fetchone()
-                if found is not None:
-                    self.saw(new=False)
-                    return {"claimed": False, **self.row(found)}
             # Claim under the write lock; if the key exists, read it in the same transaction.
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -483,8 +493,7 @@ class Hot:
         writes or waits (a claim, a read that meets a lock) returns ``HOP`` and runs in the worker
         thread as a whole unit.
         """
-        kind = work.fast
-        if kind != "load" and (kind != "claim_or_load" or self.expect_new()):
+        if not self.reads_first(work):
             return HOP
         conn = None
         healthy = False
@@ -502,12 +511,7 @@ class Hot:
         finally:
             if conn is not None:
                 pool.release(conn, healthy)
-        if kind == "load":
-            return self.row(found) if found is not None else None
-        if found is None:
-            return HOP  # absent: claim it in the worker thread
-        self.saw(new=False)
-        return {"claimed": False, **self.row(found)}
+        return self.looked_up(work, found)  # HOP for an absent key: it is claimed in the worker thread
 
     # -- async ------------------------------------------------------------------------------
 

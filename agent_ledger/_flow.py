@@ -289,18 +289,7 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
         # Look the key up and, when absent, claim it in the same unit of work: a replay costs one read,
         # a new call one read and the claim on the same pooled connection.
         now = utcnow()
-        found = yield Db(
-            store.claim_or_load(
-                key=plan.key,
-                workflow_id=plan.workflow_id,
-                tool=plan.tool,
-                payload_hash=plan.payload_hash,
-                args=plan.args,
-                owner=plan.owner,
-                lease_expires_at=now + timedelta(seconds=plan.lease),
-                now=now,
-            )
-        )
+        found = yield Db(store.claim_or_load(**_claim(plan, now)))
         if found is not None and found.pop("claimed"):
             return (yield from _run_claimed(plan, 1, False))
     else:
@@ -391,16 +380,7 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
                     approval_id,
                     now,
                     1,
-                    store.claim_new(
-                        key=plan.key,
-                        workflow_id=plan.workflow_id,
-                        tool=plan.tool,
-                        payload_hash=plan.payload_hash,
-                        args=plan.args,
-                        owner=plan.owner,
-                        lease_expires_at=lease_until,
-                        now=now,
-                    ),
+                    store.claim_new(**_claim(plan, now)),
                 )
             )
             if won is None:
@@ -495,6 +475,20 @@ def _approval_gate(plan: Plan) -> Generator[Op, Any, str]:
         until_expiry = (found["expires_at"] - now).total_seconds()
         yield Sleep(max(0.001, min(delay, policy.wait - waited, until_expiry + 0.001)))
         delay = min(delay * 2, 0.25)
+
+
+def _claim(plan: Plan, now: datetime) -> dict[str, Any]:
+    """The arguments of ``Store.claim_new`` (and ``claim_or_load``) for a first claim of the plan's key."""
+    return {
+        "key": plan.key,
+        "workflow_id": plan.workflow_id,
+        "tool": plan.tool,
+        "payload_hash": plan.payload_hash,
+        "args": plan.args,
+        "owner": plan.owner,
+        "lease_expires_at": now + timedelta(seconds=plan.lease),
+        "now": now,
+    }
 
 
 def _event(plan: Plan, kind: str, attempt: int | None, owner: str | None, at: datetime, detail: Any) -> dict[str, Any]:
