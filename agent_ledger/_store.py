@@ -48,6 +48,14 @@ def _p(params: Mapping[str, Any]) -> dict[str, Any]:
     return {f"p_{k}": v for k, v in params.items()}
 
 
+def _equal(stmt: Any, table: Any, **filters: Any) -> Any:
+    """``stmt`` restricted to rows whose columns equal the given filters (None: no restriction)."""
+    for name, value in filters.items():
+        if value is not None:
+            stmt = stmt.where(table.c[name] == value)
+    return stmt
+
+
 def row_from_mapping(m: Mapping[str, Any]) -> Row:
     """Build a decision-core ``Row`` from a result mapping of the effects table."""
     return Row(
@@ -299,13 +307,7 @@ class Store:
     def approvals(self, *, status: str | None, workflow_id: str | None, tool: str | None, now: datetime | None) -> Work:
         """Approvals filtered by status / workflow / tool (pending ones still open at ``now``)."""
         ap = self.tables.approvals
-        stmt = select(ap).order_by(ap.c.requested_at)
-        if status is not None:
-            stmt = stmt.where(ap.c.status == status)
-        if workflow_id is not None:
-            stmt = stmt.where(ap.c.workflow_id == workflow_id)
-        if tool is not None:
-            stmt = stmt.where(ap.c.tool == tool)
+        stmt = _equal(select(ap).order_by(ap.c.requested_at), ap, status=status, workflow_id=workflow_id, tool=tool)
         if now is not None:
             stmt = stmt.where(ap.c.expires_at > now)
         return Work(((stmt, {}),), "rows", False, "approvals")
@@ -434,13 +436,7 @@ class Store:
     ) -> Work:
         """Effects matching every given filter (created in [since, until)), oldest first."""
         e = self.tables.effects
-        stmt = select(e).order_by(e.c.created_at, e.c.key)
-        if workflow_id is not None:
-            stmt = stmt.where(e.c.workflow_id == workflow_id)
-        if tool is not None:
-            stmt = stmt.where(e.c.tool == tool)
-        if status is not None:
-            stmt = stmt.where(e.c.status == status)
+        stmt = _equal(select(e).order_by(e.c.created_at, e.c.key), e, workflow_id=workflow_id, tool=tool, status=status)
         if since is not None:
             stmt = stmt.where(e.c.created_at >= since)
         if until is not None:
