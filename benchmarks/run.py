@@ -87,21 +87,19 @@ def floor_sql(table: str, mark: str) -> tuple[str, str, str]:
     return CLAIM.format(t=table, p=", ".join([mark] * 11)), complete, SELECT.format(t=table, k=mark)
 
 
+def claim_params(key: str, args: Any, lease_until: Any, now: Any) -> tuple[Any, ...]:
+    """The floor's claim row, with the arguments and times already in the driver's form."""
+    return (key, "floor", "bench", "running", 1, "v1:" + "0" * 64, args, "floor-owner", lease_until, now, now)
+
+
 def pg_params(key: str) -> tuple[Any, ...]:
     now = datetime.now(timezone.utc)
-    return (
-        key,
-        "floor",
-        "bench",
-        "running",
-        1,
-        "v1:" + "0" * 64,
-        Jsonb({"i": key}),
-        "floor-owner",
-        now + timedelta(seconds=30),
-        now,
-        now,
-    )
+    return claim_params(key, Jsonb({"i": key}), now + timedelta(seconds=30), now)
+
+
+def sqlite_now() -> str:
+    """Now, as SQLite stores the ledger's datetimes."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 Pair = tuple[Callable[[int], Any], Callable[[int], Any], Callable[[], Any]]
@@ -148,23 +146,11 @@ def floor_sqlite(path: str, table: str) -> Pair:
 
     def new(i: int) -> None:
         key = f"floor-{run}-{i}"
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+        now = sqlite_now()
         conn.execute("BEGIN IMMEDIATE")
         conn.execute(
             claim,
-            (
-                key,
-                "floor",
-                "bench",
-                "running",
-                1,
-                "v1:" + "0" * 64,
-                json.dumps({"i": key}),
-                "floor-owner",
-                now,
-                now,
-                now,
-            ),
+            claim_params(key, json.dumps({"i": key}), now, now),
         ).fetchone()
         conn.execute("COMMIT")
         conn.execute("BEGIN IMMEDIATE")
@@ -188,23 +174,11 @@ async def floor_sqlite_async(path: str, table: str) -> Pair:
 
     async def new(i: int) -> None:
         key = f"afloor-{run}-{i}"
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+        now = sqlite_now()
         await conn.execute("BEGIN IMMEDIATE")
         cur = await conn.execute(
             claim,
-            (
-                key,
-                "floor",
-                "bench",
-                "running",
-                1,
-                "v1:" + "0" * 64,
-                json.dumps({"i": key}),
-                "floor-owner",
-                now,
-                now,
-                now,
-            ),
+            claim_params(key, json.dumps({"i": key}), now, now),
         )
         await cur.fetchone()
         await conn.execute("COMMIT")
