@@ -292,7 +292,6 @@ class Runtime:
                     raise
                 self.migrate()
             self._schema_ok = True
-            self._replays.start()
 
     def _check_schema(self) -> None:
         try:
@@ -318,7 +317,6 @@ class Runtime:
                 raise err from e
             self.ensure_schema()  # migrations run on the sync engine, under the process-wide lock
         self._schema_ok = True
-        self._replays.start()
 
     def migrate(self, revision: str = "head") -> None:
         """Upgrade the database to ``revision`` with the shipped alembic migrations."""
@@ -746,24 +744,14 @@ class _ReplayBuffer:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def start(self) -> None:
-        """Start the writer thread if it is not running. ``Thread.start`` waits until the new thread
-        runs, which on a busy machine can take milliseconds: the runtime calls this when it first touches
-        the database, so that a process's first replay (often a waiter's awaited result) does not pay it."""
-        with self._lock:
-            if self._thread is None and not self._closed:
-                self._thread = threading.Thread(target=self._loop, name="agent-ledger-replays", daemon=True)
-                self._thread.start()
-
     def add(self, row: Mapping[str, Any]) -> None:
         with self._lock:
             self._items.append(row)
-            full = len(self._items) >= self._limit
-            started = self._thread is not None
-        if not started:
-            self.start()
-        if full:
-            self._wake.set()
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._loop, name="agent-ledger-replays", daemon=True)
+                self._thread.start()
+            if len(self._items) >= self._limit:
+                self._wake.set()
 
     def flush(self) -> None:
         with self._lock:
