@@ -44,14 +44,13 @@ from ._models import (
     RecoveryReport,
     Status,
     ToolCall,
-    approval_from_row,
 )
 from ._runtime import Runtime
 from ._schema import DEFAULT_PREFIX, build_tables
 from ._store import row_from_mapping
 from ._telemetry import Telemetry
+from .approvals._service import ApprovalService
 from .errors import (
-    ApprovalRefused,
     ConfigurationError,
     IllegalTransition,
     InvalidArguments,
@@ -385,21 +384,23 @@ class Ledger:
         self.max_args_bytes = max_args_bytes
         self.detect_local_crashes = detect_local_crashes
         self.tables = build_tables(table_prefix, schema)
-        self.channels = list(channels)
         self._telemetry = Telemetry(tracer_provider)
         self.redaction_key = redaction_key.encode() if isinstance(redaction_key, str) else redaction_key
-        for channel in self.channels:
-            if not callable(getattr(channel, "request", None)):
-                raise ConfigurationError(f"channel {channel!r} has no request(approval) method")
-        self._rt = Runtime(
-            resolved, self.tables, auto_migrate=auto_migrate, engine_options=engine_options, channels=self.channels
-        )
+        self._rt = Runtime(resolved, self.tables, auto_migrate=auto_migrate, engine_options=engine_options)
         self.owner = make_owner()
-        self._rt.actor = self.owner
+        self.approvals = ApprovalService(self._rt, channels, actor=self.owner)
+        """Approval requests of this ledger: read, approve, reject (``ApprovalService``)."""
+        self._rt.approvals = self.approvals
         self._tools: dict[str, tuple[Callable[..., Any], _Options]] = {}
 
     def __repr__(self) -> str:
         return f"Ledger({self._rt.dialect}, tables={self.tables.effects.name!r})"
+
+    @property
+    def channels(self) -> tuple[Any, ...]:
+        """The approval channels given to ``Ledger(channels=...)``: every one is told about each request
+        and decision. Read-only (a tuple): the channels are fixed when the ledger is made."""
+        return self.approvals.channels
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -809,14 +810,12 @@ class Ledger:
     # -- approvals -------------------------------------------------------------------------
 
     def approval(self, approval_id: str) -> Approval | None:
-        """One approval request by id, or None."""
-        found = self._rt.do(self._rt.store.approval(approval_id))
-        return approval_from_row(found) if found is not None else None
+        """One approval request by id, or None (``ledger.approvals.get``)."""
+        return self.approvals.get(approval_id)
 
     def pending_approvals(self, workflow_id: str | None = None, tool: str | None = None) -> list[Approval]:
         """Approval requests still waiting for a decision (oldest first), optionally filtered."""
-        rows = self._rt.do(self._rt.store.approvals(status="pending", workflow_id=workflow_id, tool=tool, now=utcnow()))
-        return [approval_from_row(r) for r in rows]
+        return self.approvals.pending(workflow_id=workflow_id, tool=tool)
 
     def approve(self, approval_id: str, *, by: str, reason: str | None = None) -> Approval:
         """Approve a pending request, for exactly its payload. The first decision wins.
@@ -824,67 +823,11 @@ class Ledger:
         Raises ``ApprovalRefused`` (audited) when the id is unknown, the request was already decided or
         expired, or ``by`` is not one of the tool's approvers.
         """
-        return self._decide(approval_id, "approved", by, reason)
+        return self.approvals.approve(approval_id, by=by, reason=reason)
 
     def reject(self, approval_id: str, *, by: str, reason: str) -> Approval:
         """Reject a pending request; calls with its payload then raise ``ApprovalRejected`` with ``reason``."""
-        return self._decide(approval_id, "rejected", by, reason)
-
-    def _decide(self, approval_id: str, status: str, by: str, reason: str | None, *, notify: bool = True) -> Approval:
-        if not isinstance(by, str) or not by:
-            raise InvalidArguments("a decision needs by='<who decided>' for the audit trail")
-        store = self._rt.store
-        found = self._rt.do(store.approval(approval_id))
-        now = utcnow()
-        if found is None:
-            self._rt.do(
-                store.event(
-                    key="-",
-                    workflow_id="-",
-                    tool="approvals",
-                    kind="approval_refused",
-                    attempt=None,
-                    owner=by,
-                    at=now,
-                    detail={"approval_id": approval_id, "decision": status, "why": "no such approval request"},
-                )
-            )
-            raise ApprovalRefused(approval_id, "no such approval request")
-
-        def refuse(why: str) -> ApprovalRefused:
-            self._rt.do(
-                store.event(
-                    key=found["key"],
-                    workflow_id=found["workflow_id"],
-                    tool=found["tool"],
-                    kind="approval_refused",
-                    attempt=None,
-                    owner=by,
-                    at=now,
-                    detail={"approval_id": approval_id, "decision": status, "why": why},
-                )
-            )
-            return ApprovalRefused(approval_id, why)
-
-        approvers = found["approvers"]
-        if approvers is not None and by not in approvers:
-            raise refuse(f"{by!r} may not decide on tool {found['tool']!r}; its approvers are {approvers}")
-        if not self._rt.do(store.decide_approval(found, status=status, by=by, reason=reason, now=now)):
-            current = self._rt.do(store.approval(approval_id))
-            if current["status"] == "pending" and current["expires_at"] <= now:
-                self._rt.do(store.expire_approval(current, now=now, actor=by))
-                raise refuse(f"it expired at {current['expires_at'].isoformat()}")
-            raise refuse(f"it is already {current['status']} (by {current['decided_by'] or 'nobody'})")
-        decided = self._rt.do(store.approval(approval_id))
-        if notify:
-            self._rt.decided(decided)
-        return approval_from_row(decided)
-
-    def _announce_decision(self, approval_id: str) -> None:
-        """Run the channels' ``decided`` hooks (after an inbound decision has been answered)."""
-        row = self._rt.do(self._rt.store.approval(approval_id))
-        if row is not None:
-            self._rt.decided(row)
+        return self.approvals.reject(approval_id, by=by, reason=reason)
 
     def approvals_app(self, *, slack_signing_secret: str | None = None, webhook_secret: str | None = None) -> Any:
         """An ASGI app receiving decisions: ``POST /slack/interactions`` and ``POST /webhooks/decisions``.

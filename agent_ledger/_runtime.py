@@ -10,15 +10,14 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import inspect
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, exc, select
 from sqlalchemy.engine import make_url
@@ -26,11 +25,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ._fast import HOP, AsyncPool, Hot, SyncPool, install_idle_ping
 from ._flow import Beat, Db, Invoke, Notify, Op, Replayed, Sleep, StopBeat, utcnow
-from ._models import approval_from_row
 from ._schema import Tables
 from ._store import Store, Work
 from ._telemetry import CallObserver
 from .errors import ConfigurationError, SchemaMissing, StorageError
+
+if TYPE_CHECKING:
+    from .approvals._service import ApprovalService
 
 __all__ = ["Runtime", "normalise_url"]
 
@@ -156,11 +157,10 @@ class Runtime:
         *,
         auto_migrate: bool | None,
         engine_options: Mapping[str, Any] | None = None,
-        channels: Sequence[Any] = (),
     ) -> None:
         self.dialect, self.sync_url, self.async_url = normalise_url(url)
-        self.channels = list(channels)
-        self.actor = ""
+        self.approvals: ApprovalService | None = None
+        """Carries out ``Notify`` (set by the ``Ledger`` that owns this runtime)."""
         self.tables = tables
         self.store = Store(tables, self.dialect)
         self.auto_migrate = (self.dialect == "sqlite") if auto_migrate is None else auto_migrate
@@ -453,9 +453,8 @@ class Runtime:
             self.heartbeats.stop(op.handle)
             return None
         if isinstance(op, Notify):
-            outcomes = [(c, _settled(_call_channel(c, "request", op.approval))) for c in self.channels]
-            for work in self._notices(op.approval, "request", outcomes):
-                self.do(work)
+            if self.approvals is not None:
+                self.approvals.notify_request(op.approval)
             return None
         raise AssertionError(f"unknown operation {op!r}")  # pragma: no cover
 
@@ -495,17 +494,8 @@ class Runtime:
                 await op.handle
             return None
         if isinstance(op, Notify):
-            outcomes = []
-            for channel in self.channels:
-                if inspect.iscoroutinefunction(getattr(channel, "request", None)):
-                    outcome = _call_channel(channel, "request", op.approval)
-                else:  # a blocking channel (HTTP) must not stall the event loop
-                    outcome = await asyncio.to_thread(_call_channel, channel, "request", op.approval)
-                if inspect.isawaitable(outcome.value):
-                    outcome = await _awaited_outcome(outcome.value)
-                outcomes.append((channel, outcome))
-            for work in self._notices(op.approval, "request", outcomes):
-                await self.ado(work)
+            if self.approvals is not None:
+                await self.approvals.anotify_request(op.approval)
             return None
         return self._perform(op)
 
@@ -534,42 +524,6 @@ class Runtime:
                 if self._heartbeats is None:
                     self._heartbeats = _Heartbeats(self)
         return self._heartbeats
-
-    # -- approval channels ---------------------------------------------------------------
-
-    def decided(self, row: Mapping[str, Any]) -> None:
-        """Tell every channel that has a ``decided`` hook about a decision (failures are audited)."""
-        outcomes = [(c, _settled(_call_channel(c, "decided", row))) for c in self.channels if hasattr(c, "decided")]
-        for work in self._notices(row, "decided", outcomes):
-            self.do(work)
-
-    def _notices(self, row: Mapping[str, Any], hook: str, outcomes: list[tuple[Any, _Outcome]]) -> list[Work]:
-        """The audit rows of one round of channel calls, plus the merged state the channels returned."""
-        state = dict(row["channel_state"] or {})
-        works: list[Work] = []
-        for channel, outcome in outcomes:
-            name = _channel_name(channel)
-            detail: dict[str, Any] = {"approval_id": row["id"], "channel": name, "hook": hook}
-            if outcome.error is not None:
-                detail["error"] = outcome.error
-                log.warning("approval channel %s failed on %s of %s: %s", name, hook, row["id"], outcome.error)
-            elif isinstance(outcome.value, Mapping) and outcome.value:
-                state[name] = dict(outcome.value)
-            works.append(
-                self.store.event(
-                    key=row["key"],
-                    workflow_id=row["workflow_id"],
-                    tool=row["tool"],
-                    kind="notification_failed" if outcome.error is not None else "notified",
-                    attempt=None,
-                    owner=self.actor,
-                    at=utcnow(),
-                    detail=detail,
-                )
-            )
-        if state != (row["channel_state"] or {}):
-            works.insert(0, self.store.set_channel_state(row["id"], state))
-        return works
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -616,51 +570,6 @@ class Runtime:
         self._replays = _ReplayBuffer(self)
         self._lock = threading.Lock()
         self._schema_lock = threading.Lock()
-
-
-class _Outcome:
-    __slots__ = ("error", "value")
-
-    def __init__(self, value: Any = None, error: str | None = None) -> None:
-        self.value = value
-        self.error = error
-
-
-def _channel_name(channel: Any) -> str:
-    return str(getattr(channel, "name", type(channel).__name__))
-
-
-def _settled(outcome: _Outcome) -> _Outcome:
-    """Resolve an async hook's result for a sync caller (impossible inside a running event loop)."""
-    if not inspect.isawaitable(outcome.value):
-        return outcome
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(_awaited_outcome(outcome.value))
-    if inspect.iscoroutine(outcome.value):
-        outcome.value.close()
-    return _Outcome(
-        error="an async channel hook was called from sync code inside a running event loop; "
-        "use the async API (await ledger.run / ledger.arun) or give the channel sync hooks"
-    )
-
-
-def _call_channel(channel: Any, hook: str, row: Mapping[str, Any]) -> _Outcome:
-    try:
-        state = (row.get("channel_state") or {}).get(_channel_name(channel))
-        approval = approval_from_row(row)
-        fn = getattr(channel, hook)
-        return _Outcome(fn(approval) if hook == "request" else fn(approval, state))
-    except Exception as e:
-        return _Outcome(error=f"{type(e).__name__}: {e}")
-
-
-async def _awaited_outcome(value: Any) -> _Outcome:
-    try:
-        return _Outcome(await value)
-    except Exception as e:
-        return _Outcome(error=f"{type(e).__name__}: {e}")
 
 
 class _Heartbeats:

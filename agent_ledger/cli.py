@@ -217,7 +217,7 @@ def _resolve(ns: argparse.Namespace) -> int:
 def _approvals(ns: argparse.Namespace) -> int:
     with _ledger(ns) as ledger:
         if ns.action == "list":
-            pending = ledger.pending_approvals(workflow_id=ns.workflow, tool=ns.tool)
+            pending = ledger.approvals.pending(workflow_id=ns.workflow, tool=ns.tool)
             if ns.json:
                 _print_json([a.model_dump(mode="json") for a in pending])
                 return 0
@@ -232,9 +232,9 @@ def _approvals(ns: argparse.Namespace) -> int:
                 )
             return 0
         if ns.action == "approve":
-            decided = ledger.approve(ns.approval_id, by=ns.by, reason=ns.reason)
+            decided = ledger.approvals.approve(ns.approval_id, by=ns.by, reason=ns.reason)
         else:
-            decided = ledger.reject(ns.approval_id, by=ns.by, reason=ns.reason)
+            decided = ledger.approvals.reject(ns.approval_id, by=ns.by, reason=ns.reason)
     print(f"{decided.approval_id}: {decided.status.value} by {decided.decided_by}")
     return 0
 

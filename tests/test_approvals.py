@@ -378,3 +378,74 @@ def test_cli_lists_approves_and_rejects(ledger: Ledger, db_url: str) -> None:
     assert cli("reject", ids[1], "--by", "alice", "--reason", "too much").returncode == 0
     statuses: Callable[[str], Any] = lambda i: ledger.approval(i).status  # type: ignore[union-attr]  # noqa: E731
     assert (statuses(ids[0]), statuses(ids[1])) == (ApprovalStatus.APPROVED, ApprovalStatus.REJECTED)
+
+
+class Announcer:
+    """A channel that counts what it is told."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.requested: list[str] = []
+        self.decided_ids: list[str] = []
+
+    def request(self, approval: Approval) -> dict[str, str]:
+        self.requested.append(approval.approval_id)
+        return {"seen": self.name}
+
+    def decided(self, approval: Approval, state: Any) -> None:
+        assert state == {"seen": self.name}  # what request() returned is handed back
+        self.decided_ids.append(approval.approval_id)
+
+
+def test_the_approval_service_is_what_the_ledger_delegates_to(make_ledger: Callable[..., Ledger]) -> None:
+    pager = Announcer("pager")
+    led = make_ledger(channels=[pager])
+    charge = Charges()
+    with pytest.raises(ApprovalPending) as info:
+        led.run(CHARGE, handler=charge, requires_approval=True, approvers=["alice"])
+    approval_id = info.value.approval_id
+    service = led.approvals
+    assert [a.approval_id for a in service.pending()] == [approval_id] == [a.approval_id for a in led.pending_approvals()]
+    assert service.pending(tool="another.tool") == [] and service.pending(workflow_id="order-456") != []
+    assert service.get(approval_id) == led.approval(approval_id) and service.get("apr_nope") is None
+    with pytest.raises(ApprovalRefused, match="'mallory' may not decide"):
+        service.approve(approval_id, by="mallory")
+    # An inbound endpoint decides first and announces after answering: notify=False, then announce.
+    approved = service.approve(approval_id, by="alice", reason="ok", notify=False)
+    assert approved.status is ApprovalStatus.APPROVED and pager.decided_ids == []
+    service.announce_decision(approval_id)
+    assert pager.requested == pager.decided_ids == [approval_id]
+    with pytest.raises(ApprovalRefused, match="already approved"):
+        service.reject(approval_id, by="alice", reason="too late")
+    assert led.run(CHARGE, handler=charge, requires_approval=True, approvers=["alice"]) == {"charged": 100}
+    assert led.run(CHARGE, handler=charge, requires_approval=True, approvers=["alice"]) == {"charged": 100}
+    assert len(charge.calls) == 1
+    kinds = [e.kind for e in led.events(workflow_id="order-456")]
+    assert kinds.count("approval_refused") == 2 and kinds.count("approved") == 1
+    assert kinds.count("notified") == 2  # the request and the decision, one channel each
+
+
+async def test_ledger_channels_are_exactly_the_channels_notified(make_ledger: Callable[..., Ledger]) -> None:
+    first, second = Announcer("first"), Announcer("second")
+    led = make_ledger(channels=[first, second])
+    assert led.channels == (first, second) and led.channels is led.approvals.channels
+    with pytest.raises(AttributeError):
+        led.channels.append(Announcer("third"))  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        led.channels = ()  # type: ignore[misc]
+    charge = Charges()
+    with pytest.raises(ApprovalPending) as sync_info:
+        led.run(CHARGE, handler=charge, requires_approval=True)
+    other = ToolCall(workflow_id="order-789", tool="stripe.charge", args={"amount": 5, "customer": "cus_9"})
+
+    async def acharge(amount: int, customer: str) -> dict[str, Any]:
+        return charge(amount, customer)
+
+    with pytest.raises(ApprovalPending) as async_info:
+        await led.arun(other, handler=acharge, requires_approval=True)
+    expected = [sync_info.value.approval_id, async_info.value.approval_id]
+    assert [c.requested for c in led.channels] == [expected, expected]
+    led.reject(expected[0], by="bob", reason="no")
+    assert [c.decided_ids for c in led.channels] == [[expected[0]], [expected[0]]]
+    assert charge.calls == []
+    await led.aclose()

@@ -9,15 +9,20 @@ the Python API or the CLI.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .._models import Approval
-from ._inbound import ApprovalsApp, InboundResponse, handle_slack, handle_webhook
-from ._slack import SlackChannel, SlackError, sign_slack, verify_slack
-from ._webhook import WebhookChannel, WebhookDeliveryError, signed_headers
+from ._service import ApprovalService
+
+if TYPE_CHECKING:
+    from ._inbound import ApprovalsApp, InboundResponse, handle_slack, handle_webhook
+    from ._slack import SlackChannel, SlackError, sign_slack, verify_slack
+    from ._webhook import WebhookChannel, WebhookDeliveryError, signed_headers
 
 __all__ = [
+    "ApprovalService",
     "ApprovalsApp",
     "CallbackChannel",
     "Channel",
@@ -32,6 +37,35 @@ __all__ = [
     "signed_headers",
     "verify_slack",
 ]
+
+# The HTTP channels and endpoints (httpx, standardwebhooks) load on first use: ``Ledger`` imports this
+# package for ``ApprovalService``, and ``import agent_ledger`` stays free of them.
+_LAZY = {
+    "ApprovalsApp": "_inbound",
+    "InboundResponse": "_inbound",
+    "handle_slack": "_inbound",
+    "handle_webhook": "_inbound",
+    "SlackChannel": "_slack",
+    "SlackError": "_slack",
+    "sign_slack": "_slack",
+    "verify_slack": "_slack",
+    "WebhookChannel": "_webhook",
+    "WebhookDeliveryError": "_webhook",
+    "signed_headers": "_webhook",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 @runtime_checkable

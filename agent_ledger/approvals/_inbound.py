@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from standardwebhooks import Webhook
 
-from .._flow import utcnow
 from ..errors import ApprovalRefused
 from ._slack import APPROVE_ACTION, REJECT_ACTION, verify_slack
 
@@ -44,33 +43,22 @@ class InboundResponse:
 
 
 def _refuse_inbound(ledger: Ledger, source: str, status: int, why: str, detail: Mapping[str, Any]) -> InboundResponse:
-    ledger._rt.do(
-        ledger._rt.store.event(
-            key="-",
-            workflow_id="-",
-            tool=f"approvals.{source}",
-            kind="inbound_refused",
-            attempt=None,
-            owner=None,
-            at=utcnow(),
-            detail={"why": why, **detail},
-        )
-    )
+    ledger.approvals.refuse_inbound(f"approvals.{source}", why, detail)
     return InboundResponse(status, {"ok": False, "error": why})
 
 
 def _decide(ledger: Ledger, approval_id: str, decision: str, by: str, reason: str | None) -> InboundResponse:
     try:
         if decision == "approve":
-            approval = ledger._decide(approval_id, "approved", by, reason, notify=False)
+            approval = ledger.approvals.approve(approval_id, by=by, reason=reason, notify=False)
         else:
-            approval = ledger._decide(approval_id, "rejected", by, reason or f"rejected by {by}", notify=False)
+            approval = ledger.approvals.reject(approval_id, by=by, reason=reason or f"rejected by {by}", notify=False)
     except ApprovalRefused as e:
         return InboundResponse(409, {"ok": False, "error": e.why, "approval_id": approval_id})
     return InboundResponse(
         200,
         {"ok": True, "approval_id": approval_id, "status": approval.status.value, "by": by},
-        after=lambda: ledger._announce_decision(approval_id),
+        after=lambda: ledger.approvals.announce_decision(approval_id),
     )
 
 
@@ -122,14 +110,13 @@ def handle_webhook(ledger: Ledger, body: bytes, headers: Mapping[str, str], secr
         data = Webhook(secret).verify(body, lower)
     except Exception as e:  # the library raises its own error, or ValueError on malformed headers
         return _refuse_inbound(ledger, "webhook", 401, f"signature check failed: {e}", {"webhook_id": message_id})
-    fresh = ledger._rt.do(ledger._rt.store.remember_inbound(message_id=message_id, source="webhook", now=utcnow()))
-    if fresh is None:
+    if not ledger.approvals.remember_inbound(message_id, "webhook"):
         return _refuse_inbound(ledger, "webhook", 409, "replayed webhook-id", {"webhook_id": message_id})
     try:
         return _webhook_decision(ledger, data, message_id)
     except Exception:
         # Nothing was decided (e.g. the database failed): let the sender's retry with this id through.
-        ledger._rt.do(ledger._rt.store.forget_inbound(message_id=message_id))
+        ledger.approvals.forget_inbound(message_id)
         raise
 
 
@@ -144,7 +131,7 @@ def _webhook_decision(ledger: Ledger, data: Any, message_id: str) -> InboundResp
         return _refuse_inbound(ledger, "webhook", 400, f"decision body lacks {e}", {"webhook_id": message_id})
     if decision not in ("approve", "reject") or not by:
         return _refuse_inbound(ledger, "webhook", 400, "decision must be 'approve' or 'reject' with a 'by'", {})
-    approval = ledger.approval(approval_id)
+    approval = ledger.approvals.get(approval_id)
     if approval is not None and approval.payload_hash != payload_hash:
         return _refuse_inbound(
             ledger,

@@ -1,0 +1,254 @@
+"""The approval service: reading requests, recording human decisions, telling the channels.
+
+``ApprovalService`` is the one place where a decision on an approval request is taken: the ``Ledger``
+methods (``approve``, ``reject``, ``approval``, ``pending_approvals``), the CLI and the inbound
+endpoints (Slack, signed webhooks) all go through it, with the same rules: the first decision wins,
+the tool's approvers are an allowlist, an expired request cannot be decided, and every refusal is an
+audit row. It also carries out the flow's ``Notify`` operation (announce a new request) for both
+drivers, and runs the channels' ``decided`` hooks.
+
+Requesting, expiring and consuming an approval happen inside a call's flow (``_flow._approval_gate``),
+fenced together with the claim; a human's decision happens here, in ``_record_decision``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .._flow import utcnow
+from .._models import Approval, approval_from_row
+from ..errors import ApprovalRefused, ConfigurationError, InvalidArguments
+
+if TYPE_CHECKING:
+    from .._runtime import Runtime
+    from .._store import Work
+
+__all__ = ["ApprovalService"]
+
+log = logging.getLogger("agent_ledger")
+
+
+class ApprovalService:
+    """Approval requests of one ledger: read them, decide them, and tell the channels.
+
+    Reach it as ``ledger.approvals``. ``channels`` is the read-only tuple of channels that are told
+    about every new request (``request``) and every decision (``decided``, when they have it).
+    """
+
+    def __init__(self, rt: Runtime, channels: Iterable[Any], *, actor: str) -> None:
+        chosen = tuple(channels)
+        for channel in chosen:
+            if not callable(getattr(channel, "request", None)):
+                raise ConfigurationError(f"channel {channel!r} has no request(approval) method")
+        self._rt = rt
+        self._channels = chosen
+        self.actor = actor
+        """Who this process is in the audit trail (the ledger's owner id): the owner of notifications."""
+
+    @property
+    def channels(self) -> tuple[Any, ...]:
+        """The channels told about requests and decisions (fixed when the ledger is made)."""
+        return self._channels
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def get(self, approval_id: str) -> Approval | None:
+        """One approval request by id, or None."""
+        found = self._rt.do(self._rt.store.approval(approval_id))
+        return approval_from_row(found) if found is not None else None
+
+    def pending(self, workflow_id: str | None = None, tool: str | None = None) -> list[Approval]:
+        """Approval requests still waiting for a decision (oldest first), optionally filtered."""
+        rows = self._rt.do(self._rt.store.approvals(status="pending", workflow_id=workflow_id, tool=tool, now=utcnow()))
+        return [approval_from_row(r) for r in rows]
+
+    # -- decisions -------------------------------------------------------------------------
+
+    def approve(self, approval_id: str, *, by: str, reason: str | None = None, notify: bool = True) -> Approval:
+        """Approve a pending request, for exactly its payload. The first decision wins.
+
+        Raises ``ApprovalRefused`` (audited) when the id is unknown, the request was already decided or
+        expired, or ``by`` is not one of the tool's approvers. ``notify=False`` leaves the channels'
+        ``decided`` hooks to a later ``announce_decision`` (an inbound endpoint answers first).
+        """
+        return self._record_decision(approval_id, "approved", by, reason, notify=notify)
+
+    def reject(self, approval_id: str, *, by: str, reason: str, notify: bool = True) -> Approval:
+        """Reject a pending request; calls with its payload then raise ``ApprovalRejected`` with ``reason``."""
+        return self._record_decision(approval_id, "rejected", by, reason, notify=notify)
+
+    def _record_decision(
+        self, approval_id: str, status: str, by: str, reason: str | None, *, notify: bool = True
+    ) -> Approval:
+        """The one path of a human decision: checks, the fenced state change (or an audited refusal),
+        then the channels' ``decided`` hooks."""
+        if not isinstance(by, str) or not by:
+            raise InvalidArguments("a decision needs by='<who decided>' for the audit trail")
+        store = self._rt.store
+        found = self._rt.do(store.approval(approval_id))
+        now = utcnow()
+
+        def refuse(why: str) -> ApprovalRefused:
+            detail = {"approval_id": approval_id, "decision": status, "why": why}
+            self._rt.do(self.audit(found, "approval_refused", owner=by, detail=detail, at=now))
+            return ApprovalRefused(approval_id, why)
+
+        if found is None:
+            raise refuse("no such approval request")
+        approvers = found["approvers"]
+        if approvers is not None and by not in approvers:
+            raise refuse(f"{by!r} may not decide on tool {found['tool']!r}; its approvers are {approvers}")
+        if not self._rt.do(store.decide_approval(found, status=status, by=by, reason=reason, now=now)):
+            current = self._rt.do(store.approval(approval_id))
+            if current["status"] == "pending" and current["expires_at"] <= now:
+                self._rt.do(store.expire_approval(current, now=now, actor=by))
+                raise refuse(f"it expired at {current['expires_at'].isoformat()}")
+            raise refuse(f"it is already {current['status']} (by {current['decided_by'] or 'nobody'})")
+        decided = self._rt.do(store.approval(approval_id))
+        if notify:
+            self._decided(decided)
+        return approval_from_row(decided)
+
+    def announce_decision(self, approval_id: str) -> None:
+        """Run the channels' ``decided`` hooks (after an inbound decision has been answered)."""
+        row = self._rt.do(self._rt.store.approval(approval_id))
+        if row is not None:
+            self._decided(row)
+
+    # -- audit -----------------------------------------------------------------------------
+
+    def audit(
+        self,
+        about: Mapping[str, Any] | None,
+        kind: str,
+        *,
+        owner: str | None,
+        detail: Mapping[str, Any],
+        tool: str = "approvals",
+        at: datetime | None = None,
+    ) -> Work:
+        """One audit row about an approval request (its key, workflow and tool), or about none
+        (key and workflow ``-``, under ``tool``: an unknown id, an unverifiable inbound request), at
+        ``at`` (default: now)."""
+        return self._rt.store.event(
+            key=about["key"] if about is not None else "-",
+            workflow_id=about["workflow_id"] if about is not None else "-",
+            tool=about["tool"] if about is not None else tool,
+            kind=kind,
+            attempt=None,
+            owner=owner,
+            at=at or utcnow(),
+            detail=detail,
+        )
+
+    # -- inbound endpoints -----------------------------------------------------------------
+
+    def refuse_inbound(self, source: str, why: str, detail: Mapping[str, Any]) -> None:
+        """Audit an inbound request that was refused before any decision (``inbound_refused``)."""
+        self._rt.do(self.audit(None, "inbound_refused", owner=None, detail={"why": why, **detail}, tool=source))
+
+    def remember_inbound(self, message_id: str, source: str) -> bool:
+        """Record a signed inbound message id; False when it was seen before (a replay)."""
+        fresh = self._rt.do(self._rt.store.remember_inbound(message_id=message_id, source=source, now=utcnow()))
+        return fresh is not None
+
+    def forget_inbound(self, message_id: str) -> None:
+        """Drop a recorded inbound id (nothing was decided: the sender's retry may come through)."""
+        self._rt.do(self._rt.store.forget_inbound(message_id=message_id))
+
+    # -- channels --------------------------------------------------------------------------
+
+    def notify_request(self, row: Mapping[str, Any]) -> None:
+        """Tell every channel about a new request (the sync driver's ``Notify``); failures are audited."""
+        outcomes = [(c, _settled(_call_channel(c, "request", row))) for c in self._channels]
+        for work in self._notices(row, "request", outcomes):
+            self._rt.do(work)
+
+    async def anotify_request(self, row: Mapping[str, Any]) -> None:
+        """``notify_request`` for the async driver: blocking channels run in a worker thread."""
+        outcomes = []
+        for channel in self._channels:
+            if inspect.iscoroutinefunction(getattr(channel, "request", None)):
+                outcome = _call_channel(channel, "request", row)
+            else:  # a blocking channel (HTTP) must not stall the event loop
+                outcome = await asyncio.to_thread(_call_channel, channel, "request", row)
+            if inspect.isawaitable(outcome.value):
+                outcome = await _awaited_outcome(outcome.value)
+            outcomes.append((channel, outcome))
+        for work in self._notices(row, "request", outcomes):
+            await self._rt.ado(work)
+
+    def _decided(self, row: Mapping[str, Any]) -> None:
+        """Tell every channel that has a ``decided`` hook about a decision (failures are audited)."""
+        outcomes = [(c, _settled(_call_channel(c, "decided", row))) for c in self._channels if hasattr(c, "decided")]
+        for work in self._notices(row, "decided", outcomes):
+            self._rt.do(work)
+
+    def _notices(self, row: Mapping[str, Any], hook: str, outcomes: list[tuple[Any, _Outcome]]) -> list[Work]:
+        """The audit rows of one round of channel calls, plus the merged state the channels returned."""
+        state = dict(row["channel_state"] or {})
+        works: list[Work] = []
+        for channel, outcome in outcomes:
+            name = _channel_name(channel)
+            detail: dict[str, Any] = {"approval_id": row["id"], "channel": name, "hook": hook}
+            if outcome.error is not None:
+                detail["error"] = outcome.error
+                log.warning("approval channel %s failed on %s of %s: %s", name, hook, row["id"], outcome.error)
+            elif isinstance(outcome.value, Mapping) and outcome.value:
+                state[name] = dict(outcome.value)
+            kind = "notification_failed" if outcome.error is not None else "notified"
+            works.append(self.audit(row, kind, owner=self.actor, detail=detail))
+        if state != (row["channel_state"] or {}):
+            works.insert(0, self._rt.store.set_channel_state(row["id"], state))
+        return works
+
+
+class _Outcome:
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: Any = None, error: str | None = None) -> None:
+        self.value = value
+        self.error = error
+
+
+def _channel_name(channel: Any) -> str:
+    return str(getattr(channel, "name", type(channel).__name__))
+
+
+def _settled(outcome: _Outcome) -> _Outcome:
+    """Resolve an async hook's result for a sync caller: ``asyncio.run`` outside an event loop (the one
+    place where sync code bridges into one); impossible, and audited as a failure, inside a running loop."""
+    if not inspect.isawaitable(outcome.value):
+        return outcome
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_awaited_outcome(outcome.value))
+    if inspect.iscoroutine(outcome.value):
+        outcome.value.close()
+    return _Outcome(
+        error="an async channel hook was called from sync code inside a running event loop; "
+        "use the async API (await ledger.run / ledger.arun) or give the channel sync hooks"
+    )
+
+
+def _call_channel(channel: Any, hook: str, row: Mapping[str, Any]) -> _Outcome:
+    try:
+        state = (row.get("channel_state") or {}).get(_channel_name(channel))
+        approval = approval_from_row(row)
+        fn = getattr(channel, hook)
+        return _Outcome(fn(approval) if hook == "request" else fn(approval, state))
+    except Exception as e:
+        return _Outcome(error=f"{type(e).__name__}: {e}")
+
+
+async def _awaited_outcome(value: Any) -> _Outcome:
+    try:
+        return _Outcome(await value)
+    except Exception as e:
+        return _Outcome(error=f"{type(e).__name__}: {e}")
