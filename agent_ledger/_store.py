@@ -237,7 +237,7 @@ class Store:
             )
             .values(status="consumed", consumed_at=b("now", type_=ap.c.consumed_at.type))
         )
-        self._decide_approval = (
+        self._record_decision = (
             update(ap)
             .where(
                 ap.c.id == b("id"),
@@ -367,7 +367,7 @@ class Store:
             label="approval",
         )
 
-    def decide_approval(
+    def record_decision(
         self, row: Mapping[str, Any], *, status: str, by: str, reason: str | None, now: datetime
     ) -> Work:
         """First decision wins: pending and unexpired -> approved/rejected, with its audit row."""
@@ -382,7 +382,7 @@ class Store:
             now,
             {"approval_id": row["id"], "payload_hash": row["payload_hash"], "reason": reason},
         )
-        return Work(((self._decide_approval, _p(params)), (self._event, _p(audit))), label="approval")
+        return Work(((self._record_decision, _p(params)), (self._event, _p(audit))), label="approval")
 
     def set_channel_state(self, approval_id: str, state: Mapping[str, Any]) -> Work:
         """Remember where channels posted a request (e.g. a Slack message), to update it later."""

@@ -47,7 +47,7 @@ def _refuse_inbound(ledger: Ledger, source: str, status: int, why: str, detail: 
     return InboundResponse(status, {"ok": False, "error": why})
 
 
-def _decide(ledger: Ledger, approval_id: str, decision: str, by: str, reason: str | None) -> InboundResponse:
+def _record_decision(ledger: Ledger, approval_id: str, decision: str, by: str, reason: str | None) -> InboundResponse:
     try:
         if decision == "approve":
             approval = ledger.approvals.approve(approval_id, by=by, reason=reason, notify=False)
@@ -80,7 +80,7 @@ def handle_slack(ledger: Ledger, body: bytes, headers: Mapping[str, str], signin
         return _refuse_inbound(ledger, "slack", 400, f"unknown action {action_id!r}", {"user": user})
     decision = "approve" if action_id == APPROVE_ACTION else "reject"
     reason = "approved in Slack" if decision == "approve" else "rejected in Slack"
-    response = _decide(ledger, approval_id, decision, user, reason)
+    response = _record_decision(ledger, approval_id, decision, user, reason)
     if response.status != 200:
         # Slack shows nothing for a button's error status: answer 200, and tell the clicker through the
         # interaction's response_url (an ephemeral message) once the answer is sent.
@@ -140,7 +140,7 @@ def _webhook_decision(ledger: Ledger, data: Any, message_id: str) -> InboundResp
             "payload_hash does not match the approval: the decision was made on other arguments",
             {"approval_id": approval_id, "webhook_id": message_id},
         )
-    return _decide(ledger, approval_id, decision, by, reason if isinstance(reason, str) else None)
+    return _record_decision(ledger, approval_id, decision, by, reason if isinstance(reason, str) else None)
 
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]

@@ -103,7 +103,7 @@ class ApprovalService:
         approvers = found["approvers"]
         if approvers is not None and by not in approvers:
             raise refuse(f"{by!r} may not decide on tool {found['tool']!r}; its approvers are {approvers}")
-        if not self._rt.do(store.decide_approval(found, status=status, by=by, reason=reason, now=now)):
+        if not self._rt.do(store.record_decision(found, status=status, by=by, reason=reason, now=now)):
             current = self._rt.do(store.approval(approval_id))
             if current["status"] == "pending" and current["expires_at"] <= now:
                 self._rt.do(store.expire_approval(current, now=now, actor=by))
