@@ -25,6 +25,7 @@ from sqlalchemy import JSON, Dialect, Engine, event, exc
 
 from ._schema import UTCDateTime
 from ._store import Store, Work
+from .errors import InvalidArguments
 
 __all__ = ["HOP", "AsyncPool", "Hot", "SyncPool", "install_idle_ping"]
 
@@ -69,7 +70,7 @@ def _sqlite_datetime_bind(value: datetime) -> str:
     """``UTCDateTime`` bound for SQLite: the dialect's processor's exact text (naive UTC, microseconds
     always written), done by ``isoformat`` in C instead of two Python processors."""
     if value.tzinfo is None:
-        raise ValueError("agent_ledger stores aware datetimes only")
+        raise InvalidArguments("agent_ledger stores aware datetimes only")
     return value.astimezone(_UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 

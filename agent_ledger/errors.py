@@ -1,4 +1,4 @@
-"""Every error agent_ledger raises, in one hierarchy.
+"""The errors agent_ledger raises on purpose, in one hierarchy.
 
 ::
 
@@ -17,11 +17,20 @@
     ├── ApprovalMismatch       the arguments changed after they were approved
     ├── ApprovalRefused        a decision that cannot be taken (late, expired, unlisted approver)
     ├── IllegalTransition      a state change the effect state machine does not allow
+    ├── ChannelError           an approval channel could not announce a request or a decision
+    │   ├── SlackError         Slack's Web API answered ``ok: false`` (or not at all)
+    │   └── WebhookDeliveryError  every delivery attempt of a webhook failed
     └── StorageError           the database failed or is unreachable
         └── SchemaMissing      the ledger's tables are missing or out of date
 
-Every error carries the effect ``key`` when there is one, and its message says what is wrong and,
-where the caller can do something about it, what to do.
+``ConfigurationError`` and ``InvalidArguments`` are ``ValueError``s too. Every error carries the effect
+``key`` when there is one, and its message says what is wrong and, where the caller can do something
+about it, what to do.
+
+Not in the tree: what your own code raises (a handler's exception reaches the caller as it is, and is
+recorded), and the errors of database drivers, which arrive wrapped in ``StorageError``. A channel
+error never reaches the caller of ``run()``: the ledger audits it as ``notification_failed`` and the
+request can still be decided; it is raised to whoever calls a channel's hooks directly.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ __all__ = [
     "ApprovalPending",
     "ApprovalRefused",
     "ApprovalRejected",
+    "ChannelError",
     "ConfigurationError",
     "IllegalTransition",
     "InProgress",
@@ -45,8 +55,10 @@ __all__ = [
     "RecordedError",
     "ResultNotReplayable",
     "SchemaMissing",
+    "SlackError",
     "StepDivergence",
     "StorageError",
+    "WebhookDeliveryError",
 ]
 
 
@@ -281,6 +293,22 @@ class IllegalTransition(LedgerError):
         super().__init__(f"an effect in state {state or '(new)'!s} cannot take event {event!r}")
         self.state = state
         self.event = event
+
+
+class ChannelError(LedgerError):
+    """An approval channel could not announce a request or a decision.
+
+    Raised by a channel's ``request`` / ``decided`` hooks; the ledger catches it, audits it as
+    ``notification_failed`` and keeps the request, which can still be decided from the API or the CLI.
+    """
+
+
+class SlackError(ChannelError):
+    """Slack's Web API answered with ``ok: false`` (or not at all)."""
+
+
+class WebhookDeliveryError(ChannelError):
+    """Every delivery attempt of a webhook failed."""
 
 
 class StorageError(LedgerError):

@@ -405,3 +405,66 @@ def test_signed_headers_accept_any_aware_time() -> None:
     assert Webhook(WEBHOOK_SECRET).verify("{}", headers) == {}
     with pytest.raises(ValueError, match="aware"):
         signed_headers(WEBHOOK_SECRET, "msg_tz", "{}", at=datetime.now())
+
+
+def test_channel_errors_are_ledger_errors(fake_slack: Recorder) -> None:
+    """Set-up mistakes are ConfigurationErrors (still ValueErrors); delivery failures are ChannelErrors."""
+    from agent_ledger import ChannelError, ConfigurationError, InvalidArguments, LedgerError, SlackError
+    from agent_ledger import WebhookDeliveryError as DeliveryError
+    from agent_ledger.approvals import ApprovalsApp, CallbackChannel
+
+    refused: list[Callable[[], Any]] = [
+        lambda: SlackChannel(token="", channel="C1"),
+        lambda: WebhookChannel(url="", secret=WEBHOOK_SECRET),
+        lambda: WebhookChannel(url="http://127.0.0.1:9/", secret=WEBHOOK_SECRET, attempts=0),
+        lambda: ApprovalsApp(None, slack_signing_secret=None, webhook_secret=None),  # type: ignore[arg-type]
+        lambda: CallbackChannel("not callable"),  # type: ignore[arg-type]
+    ]
+    for make in refused:
+        with pytest.raises(ConfigurationError) as info:
+            make()
+        assert isinstance(info.value, ValueError) and isinstance(info.value, LedgerError)
+    for bad in ("whsec_", "whsec_!!!!"):  # the library's own error becomes ours, without the secret
+        for make_with in (
+            lambda s: WebhookChannel(url="http://127.0.0.1:9/", secret=s),
+            lambda s: ApprovalsApp(None, slack_signing_secret=None, webhook_secret=s),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(ConfigurationError, match="secret is not usable") as info:
+                make_with(bad)
+            assert bad not in str(info.value)
+    with pytest.raises(InvalidArguments, match="aware"):
+        signed_headers(WEBHOOK_SECRET, "msg", "{}", at=datetime.now())
+
+    approval = _an_approval()
+    with pytest.raises(SlackError, match="invalid_auth") as slack_info:
+        SlackChannel(token="xoxb-wrong", channel="C123", api_url=fake_slack.url).request(approval)
+    receiver = Recorder(lambda path, headers, body: (500, {"error": "down"}))
+    try:
+        with pytest.raises(DeliveryError, match="2 attempt") as hook_info:
+            WebhookChannel(url=receiver.url, secret=WEBHOOK_SECRET, attempts=2, backoff=0.01).request(approval)
+    finally:
+        receiver.close()
+    for err in (slack_info.value, hook_info.value):
+        assert isinstance(err, ChannelError) and isinstance(err, LedgerError)
+
+
+def _an_approval() -> Any:
+    from agent_ledger import Approval
+
+    now = datetime.now(timezone.utc)
+    return Approval(
+        approval_id="apr_test",
+        workflow_id="wf",
+        key="k",
+        tool="stripe.charge",
+        args={"amount": 1},
+        payload_hash="v1:abc",
+        status=ApprovalStatus.PENDING,
+        approvers=None,
+        requested_at=now,
+        expires_at=now + timedelta(hours=1),
+        decided_at=None,
+        decided_by=None,
+        reason=None,
+        consumed_at=None,
+    )

@@ -47,3 +47,57 @@ def test_public_names_have_docstrings() -> None:
 
 def test_package_is_typed() -> None:
     assert (Path(agent_ledger.__file__).parent / "py.typed").is_file()
+
+
+def _library_modules() -> list[object]:
+    import importlib
+    import pkgutil
+
+    found = []
+    for info in pkgutil.walk_packages(agent_ledger.__path__, "agent_ledger."):
+        if info.name.endswith("__main__") or info.name.startswith("agent_ledger._alembic"):
+            continue
+        found.append(importlib.import_module(info.name))
+    return found
+
+
+def test_every_exception_class_is_a_ledger_error_in_the_tree() -> None:
+    """Every public exception class in the package (channels included) is a LedgerError, is defined in
+    errors.py, exported from agent_ledger and drawn in the tree of errors' docstring."""
+    seen: dict[str, type[BaseException]] = {}
+    for module in _library_modules():
+        for name, value in vars(module).items():
+            if (
+                not name.startswith("_")
+                and isinstance(value, type)
+                and issubclass(value, BaseException)
+                and value.__module__.startswith("agent_ledger")
+            ):
+                seen[name] = value
+    assert {"SlackError", "WebhookDeliveryError", "ChannelError", "LedgerError", "SchemaMissing"} <= set(seen)
+    drawn = _drawn_tree()
+    for name, cls in seen.items():
+        assert issubclass(cls, errors.LedgerError), f"{cls.__module__}.{name} is not a LedgerError"
+        assert cls.__module__ == "agent_ledger.errors", f"{name} is defined outside errors.py"
+        assert name in errors.__all__ and getattr(agent_ledger, name) is cls, name
+        assert name in drawn, f"{name} is not drawn in the tree of errors' docstring"
+    assert set(drawn) == set(seen), "the tree draws a class that does not exist"
+    for name, parent in drawn.items():  # the tree is the real hierarchy: each class under its base
+        if parent is not None:
+            assert seen[name].__bases__[0] is seen[parent], f"{name} is drawn under {parent}"
+
+
+def _drawn_tree() -> dict[str, str | None]:
+    """{class name: parent drawn above it} from the tree in errors' docstring."""
+    block = (errors.__doc__ or "").split("::", 1)[1].strip("\n").split("\n\n", 1)[0]
+    parents: dict[str, str | None] = {}
+    stack: list[tuple[int, str]] = []
+    for line in block.splitlines():
+        text = line.lstrip(" │├└─")
+        name = text.split()[0]
+        depth = len(line) - len(text)
+        while stack and stack[-1][0] >= depth:
+            stack.pop()
+        parents[name] = stack[-1][1] if stack else None
+        stack.append((depth, name))
+    return parents

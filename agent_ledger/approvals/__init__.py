@@ -14,12 +14,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .._models import Approval
+from ..errors import ConfigurationError, SlackError, WebhookDeliveryError
 from ._service import ApprovalService
 
 if TYPE_CHECKING:
     from ._inbound import ApprovalsApp, InboundResponse, handle_slack, handle_webhook
-    from ._slack import SlackChannel, SlackError, sign_slack, verify_slack
-    from ._webhook import WebhookChannel, WebhookDeliveryError, signed_headers
+    from ._slack import SlackChannel, sign_slack, verify_slack
+    from ._webhook import WebhookChannel, signed_headers
 
 __all__ = [
     "ApprovalService",
@@ -46,11 +47,9 @@ _LAZY = {
     "handle_slack": "_inbound",
     "handle_webhook": "_inbound",
     "SlackChannel": "_slack",
-    "SlackError": "_slack",
     "sign_slack": "_slack",
     "verify_slack": "_slack",
     "WebhookChannel": "_webhook",
-    "WebhookDeliveryError": "_webhook",
     "signed_headers": "_webhook",
 }
 
@@ -88,7 +87,7 @@ class CallbackChannel:
         name: str = "callback",
     ) -> None:
         if not callable(on_request):
-            raise TypeError(f"on_request must be callable, not {on_request!r}")
+            raise ConfigurationError(f"on_request must be callable, not {on_request!r}")
         self.on_request = on_request
         self.on_decided = on_decided
         self.name = name

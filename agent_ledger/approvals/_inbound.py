@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from standardwebhooks import Webhook
 
-from ..errors import ApprovalRefused
+from ..errors import ApprovalRefused, ConfigurationError
 from ._slack import APPROVE_ACTION, REJECT_ACTION, verify_slack
+from ._webhook import check_secret
 
 if TYPE_CHECKING:
     from .._ledger import Ledger
@@ -152,9 +153,9 @@ class ApprovalsApp:
 
     def __init__(self, ledger: Ledger, *, slack_signing_secret: str | None, webhook_secret: str | None) -> None:
         if not slack_signing_secret and not webhook_secret:
-            raise ValueError("approvals_app needs slack_signing_secret and/or webhook_secret")
+            raise ConfigurationError("approvals_app needs slack_signing_secret and/or webhook_secret")
         if webhook_secret:
-            Webhook(webhook_secret)  # refuse a malformed secret at start-up
+            check_secret(webhook_secret, "approvals_app")  # refuse a malformed secret at start-up
         self.ledger = ledger
         self.slack_signing_secret = slack_signing_secret
         self.webhook_secret = webhook_secret

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from .._models import Approval, ApprovalStatus
+from ..errors import ConfigurationError, SlackError
 
 __all__ = ["APPROVE_ACTION", "REJECT_ACTION", "SlackChannel", "SlackError", "sign_slack", "verify_slack"]
 
@@ -19,10 +20,6 @@ APPROVE_ACTION = "agent_ledger_approve"
 REJECT_ACTION = "agent_ledger_reject"
 SLACK_TOLERANCE = 300  # seconds: Slack's documented replay window
 _ARGS_LIMIT = 2800  # a section's text holds 3000 characters
-
-
-class SlackError(Exception):
-    """Slack's Web API answered with ``ok: false`` (or not at all)."""
 
 
 def sign_slack(signing_secret: str, timestamp: str, body: bytes) -> str:
@@ -157,7 +154,7 @@ class SlackChannel:
         name: str = "slack",
     ) -> None:
         if not token or not channel:
-            raise ValueError("SlackChannel needs a bot token and a channel id")
+            raise ConfigurationError("SlackChannel needs a bot token and a channel id")
         self.name = name
         """Distinguishes channels in the audit trail and in the saved message ids: give two Slack
         channels on one ledger different names."""

@@ -12,18 +12,23 @@ import httpx
 from standardwebhooks import Webhook
 
 from .._models import Approval
+from ..errors import ConfigurationError, InvalidArguments, WebhookDeliveryError
 
 __all__ = ["WebhookChannel", "WebhookDeliveryError", "signed_headers"]
 
 
-class WebhookDeliveryError(Exception):
-    """Every delivery attempt of a webhook failed."""
+def check_secret(secret: str, who: str) -> None:
+    """Refuse a webhook secret that Standard Webhooks cannot use (the message never shows the secret)."""
+    try:
+        Webhook(secret)
+    except Exception as e:  # the library raises its own errors (an empty or undecodable secret)
+        raise ConfigurationError(f"{who}: the webhook secret is not usable ({type(e).__name__}: {e})") from None
 
 
 def signed_headers(secret: str, message_id: str, body: str, *, at: datetime | None = None) -> dict[str, str]:
     """The Standard Webhooks headers (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``)."""
     if at is not None and at.tzinfo is None:
-        raise ValueError("signed_headers needs an aware datetime (e.g. datetime.now(timezone.utc))")
+        raise InvalidArguments("signed_headers needs an aware datetime (e.g. datetime.now(timezone.utc))")
     when = (at or datetime.now(timezone.utc)).astimezone(timezone.utc)
     return {
         "webhook-id": message_id,
@@ -74,10 +79,10 @@ class WebhookChannel:
     ) -> None:
         self.name = name
         if not url or not secret:
-            raise ValueError("WebhookChannel needs a url and a secret (whsec_...)")
-        Webhook(secret)  # refuse a malformed secret now, not at the first delivery
+            raise ConfigurationError("WebhookChannel needs a url and a secret (whsec_...)")
+        check_secret(secret, "WebhookChannel")  # refuse a malformed secret now, not at the first delivery
         if attempts < 1:
-            raise ValueError("attempts must be at least 1")
+            raise ConfigurationError("attempts must be at least 1")
         self.url = url
         self.secret = secret
         self.attempts = attempts
