@@ -62,8 +62,8 @@ def _library_modules() -> list[object]:
 
 
 def test_every_exception_class_is_a_ledger_error_in_the_tree() -> None:
-    """Every public exception class in the package (channels included) is a LedgerError, is defined in
-    errors.py, exported from agent_ledger and drawn in the tree of errors' docstring."""
+    """Every public exception class in the package (channels included) is a LedgerError drawn in the
+    tree of errors' docstring, under its real base."""
     seen: dict[str, type[BaseException]] = {}
     for module in _library_modules():
         for name, value in vars(module).items():
@@ -78,8 +78,6 @@ def test_every_exception_class_is_a_ledger_error_in_the_tree() -> None:
     drawn = _drawn_tree()
     for name, cls in seen.items():
         assert issubclass(cls, errors.LedgerError), f"{cls.__module__}.{name} is not a LedgerError"
-        assert cls.__module__ == "agent_ledger.errors", f"{name} is defined outside errors.py"
-        assert name in errors.__all__ and getattr(agent_ledger, name) is cls, name
         assert name in drawn, f"{name} is not drawn in the tree of errors' docstring"
     assert set(drawn) == set(seen), "the tree draws a class that does not exist"
     for name, parent in drawn.items():  # the tree is the real hierarchy: each class under its base
