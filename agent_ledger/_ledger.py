@@ -228,25 +228,12 @@ class _Options:
             )
         if reconcile is not None and not callable(reconcile):
             raise ConfigurationError(f"reconcile must be callable, not {reconcile!r}")
-        key = options.get("key")
-        key_names: tuple[str, ...] | None = None
-        if key is not None:
-            if isinstance(key, str):
-                raise ConfigurationError(f"key must be a list of argument names, not the string {key!r}")
-            key_names = tuple(key)
-            if not key_names or not all(isinstance(k, str) and k for k in key_names):
-                raise ConfigurationError(f"key must be a non-empty list of argument names, not {key!r}")
+        key_names = _names(options.get("key"), "key", empty=False)
         requires = options.get("requires_approval", False)
         if not (isinstance(requires, bool) or callable(requires)):
             raise ConfigurationError(f"requires_approval must be a bool or a predicate of the call, not {requires!r}")
-        approvers = options.get("approvers")
-        names: tuple[str, ...] | None = None
-        if approvers is not None:
-            if isinstance(approvers, str):
-                raise ConfigurationError(f"approvers must be a collection of names, not the string {approvers!r}")
-            names = tuple(sorted(set(approvers)))
-            if not names or not all(isinstance(a, str) and a for a in names):
-                raise ConfigurationError(f"approvers must be non-empty names, not {approvers!r}")
+        approvers = _names(options.get("approvers"), "approvers", noun="names", empty=False)
+        names = tuple(sorted(set(approvers))) if approvers is not None else None
         approval = None
         if requires is not False:
             approval = ApprovalPolicy(
@@ -272,19 +259,26 @@ class _Options:
             requires_approval=requires,
             approval=approval,
             result_type=options.get("result_type", _UNSET),
-            redact=_names(options.get("redact"), "redact"),
+            redact=_names(options.get("redact"), "redact") or (),
             retention=_seconds(options.get("retention"), "retention", allow_zero=False),
         )
 
 
-def _names(value: Iterable[str] | None, what: str) -> tuple[str, ...]:
+def _names(
+    value: Iterable[str] | None, what: str, *, noun: str = "argument names", empty: bool = True
+) -> tuple[str, ...] | None:
+    """The option's names as a tuple (None when not given); ``ConfigurationError`` for a string, a
+    non-iterable, a name that is not a non-empty string, or (``empty=False``) no names at all."""
     if value is None:
-        return ()
+        return None
     if isinstance(value, str):
-        raise ConfigurationError(f"{what} must be a list of argument names, not the string {value!r}")
-    names = tuple(value)
-    if not all(isinstance(n, str) and n for n in names):
-        raise ConfigurationError(f"{what} must hold argument names, not {value!r}")
+        raise ConfigurationError(f"{what} must be a list of {noun}, not the string {value!r}")
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise ConfigurationError(f"{what} must be a list of {noun}, not {value!r}") from None
+    if (not names and not empty) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigurationError(f"{what} must be a {'' if empty else 'non-empty '}list of {noun}, not {value!r}")
     return names
 
 
@@ -336,10 +330,6 @@ class _Fits:
 
 
 _fits = _Fits()
-
-
-def _wants_effect(fn: Callable[..., Any]) -> bool:
-    return _handler_signature(fn)[1]
 
 
 def _is_async(fn: Any) -> bool:

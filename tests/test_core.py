@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel
 
 from agent_ledger import (
+    ConfigurationError,
     Effect,
     InvalidArguments,
     Ledger,
@@ -463,3 +464,32 @@ def test_product_page_snippet_runs_as_written(ledger: Ledger) -> None:
 
     assert asyncio.run(main()) == {"status": "paid"}
     assert charged == [100]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "why"),
+    [
+        ("key", 5, "key must be a list of argument names"),
+        ("key", "amount", "not the string"),
+        ("key", [], "non-empty list"),
+        ("key", ["amount", ""], "non-empty list"),
+        ("redact", 5, "redact must be a list of argument names"),
+        ("redact", ["card", None], "redact must be a list"),
+        ("approvers", 5, "approvers must be a list of names"),
+        ("approvers", ["alice", 1], "approvers must be a non-empty list of names"),  # was a raw TypeError
+        ("approvers", [["alice"]], "approvers must be a non-empty list of names"),  # was a raw TypeError
+        ("approvers", [], "non-empty list of names"),
+    ],
+)
+def test_name_list_options_are_configuration_errors(tmp_path: Any, option: str, value: Any, why: str) -> None:
+    """key, redact and approvers are checked by one rule; a bad value never escapes as a raw TypeError."""
+    led = Ledger(f"sqlite:///{tmp_path}/names.db")
+    runs: list[int] = []
+    extra: dict[str, Any] = {"requires_approval": True} if option == "approvers" else {}
+    call = ToolCall(workflow_id="wf", tool="t", args={"amount": 1, "card": "4242"})
+    with pytest.raises(ConfigurationError, match=why):
+        led.run(call, handler=lambda amount, card: runs.append(1), **{option: value}, **extra)
+    with pytest.raises(ConfigurationError, match=why):
+        led.tool("t", **{option: value}, **extra)
+    assert runs == []
+    led.close()
