@@ -215,3 +215,31 @@ async def test_openai_agents_function_tool_runs_once(ledger: Ledger) -> None:
             assert await safe.on_invoke_tool(ctx, '{"amount": 3, "currency": "usd"}') == "charged 3"
     assert runs == [3]
     await ledger.aclose()
+
+
+def test_is_sdk_tool_call_decides_by_shape() -> None:
+    """A supported shape is a tool call even when its arguments are malformed (parse_tool_call then says
+    why); anything else is not. The arguments are not parsed to decide."""
+    from agent_ledger.adapters import is_sdk_tool_call
+
+    for make in SHAPES.values():
+        call = make(1)
+        assert is_sdk_tool_call(call) and parse_tool_call(call).name == "charge"
+    malformed = [
+        chat_call('{"amount": 100,', "c1"),
+        {"type": "tool_use", "id": "t", "name": "charge", "input": [1]},
+        {"name": "charge", "args": "not a dict"},
+    ]
+    for call in malformed:
+        assert is_sdk_tool_call(call)
+        with pytest.raises(InvalidArguments):
+            parse_tool_call(call)
+    for other in (object(), {"name": "charge"}, {"type": "text", "text": "hi"}, "charge", None):
+        assert not is_sdk_tool_call(other)
+        with pytest.raises(InvalidArguments, match="not a tool call"):
+            parse_tool_call(other)
+    assert [parse_tool_call(SHAPES[s](1)).kind for s in ("openai.chat", "openai.responses", "anthropic")] == [
+        "openai.chat",
+        "openai.responses",
+        "anthropic",
+    ]

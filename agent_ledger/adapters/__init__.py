@@ -61,35 +61,46 @@ def _json_args(raw: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def _shape(obj: Any) -> str | None:
+    """Which supported tool-call shape ``obj`` has (a ``ParsedCall.kind``), by its fields alone; or None."""
+    kind = _get(obj, "type")
+    function = _get(obj, "function")
+    if function is not None and kind in ("function", None) and _get(function, "name"):
+        return "openai.chat"
+    if kind == "function_call" and _get(obj, "name"):
+        return "openai.responses"
+    if kind == "tool_use" and _get(obj, "name"):
+        return "anthropic"
+    if isinstance(obj, dict) and "name" in obj and "args" in obj and kind in ("tool_call", None):
+        return "langchain"
+    return None
+
+
 def is_sdk_tool_call(obj: Any) -> bool:
-    """Whether ``obj`` looks like one of the supported SDK tool-call shapes."""
-    try:
-        parse_tool_call(obj)
-    except InvalidArguments as e:
-        return not str(e).startswith("not a tool call")
-    return True
+    """Whether ``obj`` has one of the supported SDK tool-call shapes (its arguments are not parsed)."""
+    return _shape(obj) is not None
 
 
 def parse_tool_call(obj: Any) -> ParsedCall:
     """Lift name, arguments and the SDK's call id out of a supported tool-call object."""
-    kind = _get(obj, "type")
-    function = _get(obj, "function")
-    if function is not None and kind in ("function", None) and _get(function, "name"):
+    shape = _shape(obj)
+    if shape == "openai.chat":
+        function = _get(obj, "function")
         args = _json_args(_get(function, "arguments"), "OpenAI tool_call.function.arguments")
-        return ParsedCall(str(_get(function, "name")), args, _get(obj, "id"), "openai.chat")
-    if kind == "function_call" and _get(obj, "name"):
+        return ParsedCall(str(_get(function, "name")), args, _get(obj, "id"), shape)
+    if shape == "openai.responses":
         args = _json_args(_get(obj, "arguments"), "OpenAI function_call.arguments")
-        return ParsedCall(str(_get(obj, "name")), args, _get(obj, "call_id"), "openai.responses")
-    if kind == "tool_use" and _get(obj, "name"):
+        return ParsedCall(str(_get(obj, "name")), args, _get(obj, "call_id"), shape)
+    if shape == "anthropic":
         raw = _get(obj, "input")
         if raw is not None and not isinstance(raw, dict):
             raise InvalidArguments(f"Anthropic tool_use.input must be an object, not {type(raw).__name__}", path="args")
-        return ParsedCall(str(_get(obj, "name")), dict(raw or {}), _get(obj, "id"), "anthropic")
-    if isinstance(obj, dict) and "name" in obj and "args" in obj and kind in ("tool_call", None):
+        return ParsedCall(str(_get(obj, "name")), dict(raw or {}), _get(obj, "id"), shape)
+    if shape == "langchain":
         raw = obj["args"]
         if not isinstance(raw, dict):
             raise InvalidArguments(f"LangChain tool call args must be a dict, not {type(raw).__name__}", path="args")
-        return ParsedCall(str(obj["name"]), dict(raw), obj.get("id"), "langchain")
+        return ParsedCall(str(obj["name"]), dict(raw), obj.get("id"), shape)
     raise InvalidArguments(
         f"not a tool call: {type(obj).__qualname__} is neither a ToolCall nor an OpenAI, Anthropic or LangChain "
         f"tool call"
