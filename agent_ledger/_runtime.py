@@ -500,21 +500,16 @@ class Runtime:
         return self._perform(op)
 
     async def _abeat(self, op: Beat) -> None:
+        """The async driver's heartbeat: a task per claim (the sync driver's is one shared thread)."""
         interval = op.lease / 3
         while True:
             await asyncio.sleep(interval)
-            work = self.store.heartbeat(
-                key=op.key,
-                owner=op.owner,
-                attempt=op.attempt,
-                lease_expires_at=utcnow() + timedelta(seconds=op.lease),
-            )
             try:
-                if not await self.ado(work):
-                    log.warning("lost the lease of %s (attempt %s): another worker took over", op.key, op.attempt)
-                    return
+                answer = await self.ado(_heartbeat(self.store, op))
             except StorageError as e:
-                log.warning("heartbeat for %s failed, will retry: %s", op.key, e)
+                answer = e
+            if not _keep_beating(op, answer):
+                return
 
     @property
     def heartbeats(self) -> _Heartbeats:
@@ -622,15 +617,31 @@ class _Heartbeats:
                 self._beat(h, op)
 
     def _beat(self, handle: int, op: Beat) -> None:
-        work = self._rt.store.heartbeat(
-            key=op.key, owner=op.owner, attempt=op.attempt, lease_expires_at=utcnow() + timedelta(seconds=op.lease)
-        )
         try:
-            if not self._rt.do(work):
-                log.warning("lost the lease of %s (attempt %s): another worker took over", op.key, op.attempt)
-                self.stop(handle)
+            answer = self._rt.do(_heartbeat(self._rt.store, op))
         except StorageError as e:
-            log.warning("heartbeat for %s failed, will retry: %s", op.key, e)
+            answer = e
+        if not _keep_beating(op, answer):
+            self.stop(handle)
+
+
+def _heartbeat(store: Store, op: Beat) -> Work:
+    """One heartbeat of ``op``'s claim: its lease runs ``op.lease`` seconds from now (fenced on the claim)."""
+    return store.heartbeat(
+        key=op.key, owner=op.owner, attempt=op.attempt, lease_expires_at=utcnow() + timedelta(seconds=op.lease)
+    )
+
+
+def _keep_beating(op: Beat, answer: Any) -> bool:
+    """Whether to go on after a heartbeat answered ``answer`` (its rowcount, or the ``StorageError`` it
+    raised): a failed write is retried at the next beat; a claim that matched nothing was lost."""
+    if isinstance(answer, StorageError):
+        log.warning("heartbeat for %s failed, will retry: %s", op.key, answer)
+        return True
+    if not answer:
+        log.warning("lost the lease of %s (attempt %s): another worker took over", op.key, op.attempt)
+        return False
+    return True
 
 
 class _ReplayBuffer:

@@ -309,3 +309,44 @@ def test_recover_marks_stale_effects_unknown_and_reconciles_registered_tools(led
         assert transfer(2) == {"found": 2}
         assert send(3) == "sent"
     assert ledger.recover().examined == 0
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+async def test_heartbeats_stop_once_the_claim_is_lost(
+    make_ledger: Callable[..., Ledger], driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both drivers' heartbeats keep a long call's lease alive, and stop (saying so once) when the claim
+    is taken away from under them."""
+    holder, other = make_ledger(lease=0.6), make_ledger(lease=0.6)
+    runs = 0
+
+    def steal_midway() -> None:
+        import time
+
+        time.sleep(0.9)  # beats every 0.2 s keep the 0.6 s lease alive past its first expiry
+        assert other.effect(KEY).status is Status.RUNNING  # type: ignore[union-attr]
+        other.resolve(KEY, retry=True, by="ops", force=True)  # the claim is gone: pending, no owner
+        time.sleep(1.2)  # six more beat periods: a beat that did not stop would warn each time
+
+    def slow(amount: int) -> str:
+        nonlocal runs
+        runs += 1
+        steal_midway()
+        return "done"
+
+    async def aslow(amount: int) -> str:
+        nonlocal runs
+        runs += 1
+        await asyncio.to_thread(steal_midway)
+        return "done"
+
+    caplog.set_level("WARNING", logger="agent_ledger")
+    if driver == "sync":
+        await asyncio.to_thread(holder.run, CALL, handler=slow)
+    else:
+        await holder.arun(CALL, handler=aslow)
+    lost = [r for r in caplog.records if "lost the lease" in r.getMessage()]
+    assert len(lost) == 1 and KEY in lost[0].getMessage()
+    assert runs == 1
+    await holder.aclose()
+    await other.aclose()
