@@ -44,6 +44,7 @@ __all__ = [
     "decide",
     "decide_approval",
     "error_matches",
+    "lease_over",
     "transition",
 ]
 
@@ -185,7 +186,9 @@ def error_matches(error: Mapping[str, Any] | None, names: tuple[str, ...]) -> bo
     return any(name in classes for name in names)
 
 
-def _lease_over(row: Row, now: datetime, owner_gone: bool) -> bool:
+def lease_over(row: Row, now: datetime, owner_gone: bool) -> bool:
+    """Whether the claim on ``row`` is over at ``now``: its lease ran out, or its owner is known gone.
+    The one live-lease check (the flow's decisions and ``Ledger.resolve`` use it)."""
     return owner_gone or row.lease_expires_at is None or row.lease_expires_at <= now
 
 
@@ -209,7 +212,7 @@ def decide(row: Row | None, req: Request, now: datetime, *, owner_gone: bool = F
     if status is Status.PENDING:
         return Claim("retry", status, row.attempt)
     if status is Status.RUNNING:
-        if not _lease_over(row, now, owner_gone):
+        if not lease_over(row, now, owner_gone):
             return Wait(row.lease_expires_at)
         if policy.has_reconcile:
             return Claim("reconcile", status, row.attempt)

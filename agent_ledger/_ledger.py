@@ -22,7 +22,7 @@ from pydantic import TypeAdapter
 from typing_extensions import Unpack
 
 from . import _keys
-from ._decide import Policy, Row, transition
+from ._decide import Policy, Row, lease_over, transition
 from ._flow import (
     HOST,
     NOT_EXECUTED,
@@ -1057,15 +1057,10 @@ class Ledger:
             raise LedgerError(f"no effect with key {key!r}")
         row = row_from_mapping(found)
         now = utcnow()
-        if (
-            row.status is Status.RUNNING
-            and not force
-            and not owner_gone(row.owner)
-            and row.lease_expires_at is not None
-            and row.lease_expires_at > now
-        ):
+        if row.status is Status.RUNNING and not force and not lease_over(row, now, owner_gone(row.owner)):
+            until = (row.lease_expires_at or now).isoformat()  # a live lease has an end
             raise LedgerError(
-                f"key {key} is running in {row.owner} with a live lease until {row.lease_expires_at.isoformat()}; "
+                f"key {key} is running in {row.owner} with a live lease until {until}; "
                 f"wait for it, or pass force=True if you know that worker is gone"
             )
         store = self._rt.store

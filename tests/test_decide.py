@@ -167,3 +167,13 @@ def test_the_documented_state_diagram_is_the_transition_table() -> None:
             drawn.add((None if src == "[*]" else src, event.strip(), dst))
     table = {(s.value if s else None, e, n.value) for s, moves in TRANSITIONS.items() for e, n in moves.items()}
     assert drawn == table
+
+
+def test_lease_over_is_the_one_live_lease_check() -> None:
+    from agent_ledger._decide import lease_over
+
+    assert not lease_over(row(Status.RUNNING, lease=LIVE), NOW, False)
+    assert lease_over(row(Status.RUNNING, lease=LIVE), NOW, True)  # its process is known gone
+    assert lease_over(row(Status.RUNNING, lease=EXPIRED), NOW, False)
+    assert lease_over(row(Status.RUNNING, lease=NOW), NOW, False)  # a lease ends at its instant
+    assert lease_over(row(Status.RUNNING, lease=None), NOW, False)
