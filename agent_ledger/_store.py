@@ -2,8 +2,12 @@
 
 Every write is fenced: it names the state it expects (status, attempt, and for takeovers the observed
 lease; for completions the owner too), so a change lands only if nobody else moved the row first. The
-statements are built once per ``Store`` with bind parameters and executed with fresh values; dialect
-differences (the upsert) live here and only here.
+state-change statements are built once per ``Store`` with bind parameters and executed with fresh
+values; filtered reads and maintenance (``effects``, ``approvals``, ``stale``, ``prunable``,
+``delete_keys``, ``remember_inbound``) are built per call. The statements' dialect differences (the
+upserts, ``FOR UPDATE SKIP LOCKED``) are made here; the connection's are not (SQLite's pragmas and
+``BEGIN IMMEDIATE`` are set in ``_runtime``, and ``_fast`` runs the hot statements through each
+driver's own connections).
 """
 
 from __future__ import annotations
