@@ -1,7 +1,9 @@
 """The I/O side: engines, the sync and async drivers of ``_flow``, heartbeats and batched replay records.
 
-Both drivers perform the same operations; neither bridges into the other (no event loop inside sync
-calls, no thread pool around database I/O inside async calls).
+Both drivers perform the same operations. They do bridge, in named places: from sync code, an async
+approval-channel hook runs in ``asyncio.run`` (``approvals/_service.py``), and so does an async
+``reconcile=`` in ``Ledger.recover()``; the async driver hands SQLite writes and blocking channel hooks
+to a worker thread (SQLite has no asynchronous I/O).
 """
 
 from __future__ import annotations
