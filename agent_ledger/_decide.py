@@ -136,11 +136,10 @@ class Request:
 
 @dataclass(frozen=True)
 class Claim:
-    """Take the key and run: a new row (``claim``) or a fenced update of the observed attempt."""
+    """Take the key and run: a new row (``claim``) or a fenced update of the observed row (the
+    storage layer fences on the row the decision was made from: its status, attempt and lease)."""
 
     event: ClaimEvent
-    expected_status: Status | None = None
-    expected_attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -170,9 +169,7 @@ class Wait:
 
 @dataclass(frozen=True)
 class MarkUnknown:
-    """The owner is gone and the policy is honest uncertainty: record ``unknown`` for this attempt."""
-
-    expected_attempt: int
+    """The owner is gone and the policy is honest uncertainty: record ``unknown`` for the observed attempt."""
 
 
 Decision = Claim | Replay | ReplayError | Refuse | Wait | MarkUnknown
@@ -208,22 +205,22 @@ def decide(row: Row | None, req: Request, now: datetime, *, owner_gone: bool = F
         return Replay() if row.result_replayable else Refuse("not_replayable")
     if status is Status.FAILED:
         retry = error_matches(row.error, policy.retry_on) if policy.retry_on else policy.on_error == "retry"
-        return Claim("retry", status, row.attempt) if retry else ReplayError()
+        return Claim("retry") if retry else ReplayError()
     if status is Status.PENDING:
-        return Claim("retry", status, row.attempt)
+        return Claim("retry")
     if status is Status.RUNNING:
         if not lease_over(row, now, owner_gone):
             return Wait(row.lease_expires_at)
         if policy.has_reconcile:
-            return Claim("reconcile", status, row.attempt)
+            return Claim("reconcile")
         if policy.on_crash == "retry":
-            return Claim("takeover", status, row.attempt)
-        return MarkUnknown(row.attempt)
+            return Claim("takeover")
+        return MarkUnknown()
     # Status.UNKNOWN
     if policy.has_reconcile:
-        return Claim("reconcile", status, row.attempt)
+        return Claim("reconcile")
     if policy.on_crash == "retry":
-        return Claim("takeover", status, row.attempt)
+        return Claim("takeover")
     return Refuse("unknown")
 
 
