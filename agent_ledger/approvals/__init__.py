@@ -5,6 +5,9 @@ a small JSON mapping to remember, such as a chat message id) and optionally ``de
 (called after the first decision, with that mapping). Either may be a coroutine function. A channel
 that raises never loses the request: the failure is audited and the approval can still be decided from
 the Python API or the CLI.
+
+``ApprovalService`` (a ledger's ``ledger.approvals``) is where requests are read and decided and the
+channels are told; the ``Ledger`` methods, the CLI and the inbound endpoints here all use it.
 """
 
 from __future__ import annotations
