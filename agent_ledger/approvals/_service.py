@@ -95,7 +95,7 @@ class ApprovalService:
 
         def refuse(why: str) -> ApprovalRefused:
             detail = {"approval_id": approval_id, "decision": status, "why": why}
-            self._rt.do(self.audit(found, "approval_refused", owner=by, detail=detail, at=now))
+            self._rt.do(self._audit(found, "approval_refused", owner=by, detail=detail, at=now))
             return ApprovalRefused(approval_id, why)
 
         if found is None:
@@ -122,7 +122,7 @@ class ApprovalService:
 
     # -- audit -----------------------------------------------------------------------------
 
-    def audit(
+    def _audit(
         self,
         about: Mapping[str, Any] | None,
         kind: str,
@@ -150,7 +150,7 @@ class ApprovalService:
 
     def refuse_inbound(self, source: str, why: str, detail: Mapping[str, Any]) -> None:
         """Audit an inbound request that was refused before any decision (``inbound_refused``)."""
-        self._rt.do(self.audit(None, "inbound_refused", owner=None, detail={"why": why, **detail}, tool=source))
+        self._rt.do(self._audit(None, "inbound_refused", owner=None, detail={"why": why, **detail}, tool=source))
 
     def remember_inbound(self, message_id: str, source: str) -> bool:
         """Record a signed inbound message id; False when it was seen before (a replay)."""
@@ -202,7 +202,7 @@ class ApprovalService:
             elif isinstance(outcome.value, Mapping) and outcome.value:
                 state[name] = dict(outcome.value)
             kind = "notification_failed" if outcome.error is not None else "notified"
-            works.append(self.audit(row, kind, owner=self.actor, detail=detail))
+            works.append(self._audit(row, kind, owner=self.actor, detail=detail))
         if state != (row["channel_state"] or {}):
             works.insert(0, self._rt.store.set_channel_state(row["id"], state))
         return works
