@@ -99,3 +99,18 @@ def _drawn_tree() -> dict[str, str | None]:
         parents[name] = stack[-1][1] if stack else None
         stack.append((depth, name))
     return parents
+
+
+def test_importing_the_library_loads_no_http_client() -> None:
+    """Ledger uses the approvals package for its service; the HTTP channels (httpx, standardwebhooks)
+    load only when a channel or the approvals app is used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, agent_ledger, agent_ledger.approvals as a; "
+        "print(sorted(m for m in ('httpx', 'standardwebhooks') if m in sys.modules)); "
+        "a.SlackChannel; print('httpx' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "True"]
