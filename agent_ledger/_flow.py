@@ -525,6 +525,7 @@ def _run_claimed(
     handle = yield Beat(plan.key, plan.owner, attempt, plan.lease)
     try:
         started = time.monotonic()
+        finish["started_at"] = utcnow()  # the attempt's duration is the handler's, not the warm-up before
         detail: dict[str, Any] = {}
         result: Any = NOT_EXECUTED
         if reconcile_first:

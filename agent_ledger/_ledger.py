@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -113,7 +114,9 @@ def current_workflow() -> str | None:
 class Workflow:
     """Context manager (sync and async) that sets the workflow id for decorated tools.
 
-    It is a context variable: it holds across ``await`` and is inherited by tasks created inside it.
+    It is a context variable: it holds across ``await`` and is inherited by tasks created inside it
+    (and by ``asyncio.to_thread``), but not by threads: run tools in a thread pool with
+    ``wf.submit(executor, fn, *args)``.
     """
 
     def __init__(self, workflow_id: str) -> None:
@@ -123,14 +126,39 @@ class Workflow:
             )
         self.workflow_id = workflow_id
         self._tokens: list[contextvars.Token[_WorkflowState | None]] = []
+        self._states: list[_WorkflowState] = []
 
     def __enter__(self) -> Workflow:
         # Each entry starts counting recorded steps from 0: a re-run after a crash lines up with the first.
-        self._tokens.append(_workflow.set(_WorkflowState(self.workflow_id)))
+        self._states.append(_WorkflowState(self.workflow_id))
+        self._tokens.append(_workflow.set(self._states[-1]))
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._states.pop()
         _workflow.reset(self._tokens.pop())
+
+    def submit(
+        self, executor: concurrent.futures.Executor, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[R]:
+        """``executor.submit(fn, *args, **kwargs)``, with ``fn`` running in this workflow.
+
+        A thread does not inherit the context of the code that submits work to it, so a decorated tool
+        called from a ``ThreadPoolExecutor`` would find no workflow (``NoWorkflow``). This runs ``fn`` in
+        a copy of the caller's context (``contextvars.copy_context().run``) with this workflow set, so
+        each submitted call belongs to this workflow and no other, however many run at once::
+
+            with ledger.workflow("order-123") as wf, ThreadPoolExecutor() as pool:
+                futures = [wf.submit(pool, charge, n) for n in range(3)]
+        """
+        context = contextvars.copy_context()
+        state = self._states[-1] if self._states else _WorkflowState(self.workflow_id)
+        context.run(_workflow.set, state)
+
+        def in_workflow() -> R:
+            return context.run(fn, *args, **kwargs)
+
+        return executor.submit(in_workflow)
 
     async def __aenter__(self) -> Workflow:
         return self.__enter__()

@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -39,6 +40,7 @@ __all__ = ["Runtime", "normalise_url"]
 
 log = logging.getLogger("agent_ledger")
 
+_ABSENT = re.compile(r'FATAL:\s+(database|role) "([^"]*)" does not exist')
 _MISSING_SCHEMA_HINTS = ("no such table", "no such column", "does not exist", "undefinedtable", "undefinedcolumn")
 
 
@@ -100,6 +102,16 @@ def _sqlite_events(sync_engine: Engine) -> None:
 
 def _storage_error(e: exc.SQLAlchemyError, label: str) -> StorageError:
     text = str(getattr(e, "orig", None) or e)
+    absent = _ABSENT.search(text)
+    if absent:  # refused at connect: not a missing table, and `agent-ledger migrate` cannot fix it
+        what, name = absent.groups()
+        if what == "database":
+            return StorageError(
+                f'the Postgres database "{name}" does not exist on that server: create it first (e.g. '
+                f'`createdb {name}`, or CREATE DATABASE "{name}" as a role allowed to create databases), '
+                f"then run `agent-ledger migrate --url ...` to create the ledger's tables in it"
+            )
+        return StorageError(f'the Postgres role "{name}" does not exist on that server: check the user in the URL')
     low = text.lower() + type(getattr(e, "orig", e)).__name__.lower()
     if any(h in low for h in _MISSING_SCHEMA_HINTS):
         return SchemaMissing(

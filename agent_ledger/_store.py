@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Executable, and_, bindparam, delete, insert, literal, or_, select, update
+from sqlalchemy import Executable, and_, bindparam, delete, func, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ._decide import Row, transition
@@ -155,6 +155,9 @@ class Store:
                 result_repr=b("result_repr"),
                 error=b("error", type_=e.c.error.type),
                 lease_expires_at=None,
+                # When the handler started (the claim's time until then): the duration of an attempt
+                # is the handler's, not the first call's warm-up (engine, schema check, migration).
+                started_at=func.coalesce(b("started_at", type_=e.c.started_at.type), e.c.started_at),
                 finished_at=b("now", type_=e.c.finished_at.type),
                 retain_until=b("retain_until", type_=e.c.retain_until.type),
             )
@@ -308,12 +311,25 @@ class Store:
         """One approval by id (or None)."""
         return Work(((self._approval, _p({"id": approval_id})),), "row", False, "approval")
 
-    def approvals(self, *, status: str | None, workflow_id: str | None, tool: str | None, now: datetime | None) -> Work:
-        """Approvals filtered by status / workflow / tool (pending ones still open at ``now``)."""
+    def approvals(
+        self,
+        *,
+        status: str | None,
+        workflow_id: str | None,
+        tool: str | None,
+        now: datetime | None,
+        runnable: bool = False,
+    ) -> Work:
+        """Approvals filtered by status / workflow / tool (pending ones still open at ``now``); with
+        ``runnable``, only those whose key does not already hold a call with another payload."""
         ap = self.tables.approvals
         stmt = _equal(select(ap).order_by(ap.c.requested_at), ap, status=status, workflow_id=workflow_id, tool=tool)
         if now is not None:
             stmt = stmt.where(ap.c.expires_at > now)
+        if runnable:
+            e = self.tables.effects
+            other = select(e.c.key).where(e.c.key == ap.c.key, e.c.payload_hash != ap.c.payload_hash)
+            stmt = stmt.where(~other.exists())
         return Work(((stmt, {}),), "rows", False, "approvals")
 
     def request_approval(
@@ -585,11 +601,14 @@ class Store:
         error: Mapping[str, Any] | None = None,
         detail: Mapping[str, Any] | None = None,
         retain_until: datetime | None = None,
+        started_at: datetime | None = None,
     ) -> Work:
-        """Record the outcome of our own attempt, fenced on owner and attempt, with its audit row."""
+        """Record the outcome of our own attempt, fenced on owner and attempt, with its audit row;
+        ``started_at`` (when the handler started) replaces the claim's time."""
         status = transition(Status.RUNNING, event)
         params = {  # under their bound names: built on every call
             "p_retain_until": retain_until,
+            "p_started_at": started_at,
             "p_key": key,
             "p_owner": owner,
             "p_attempt": attempt,

@@ -1,14 +1,17 @@
 """The agent-ledger command: inspect and settle an agent_ledger database.
 
 Exit codes: 0 success, 1 the command ran and found a problem (e.g. the demo saw a double execution, a
-key does not exist, a decision was refused), 2 usage or configuration error, 3 database error.
+key does not exist, a decision was refused), 2 usage or configuration error, 3 database error, 141 the
+reader of the output went away (``agent-ledger export | head``; 128 + SIGPIPE, as a shell reports it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
@@ -16,7 +19,7 @@ from typing import Any
 
 from ._ledger import Ledger
 from ._models import Status
-from .errors import ConfigurationError, LedgerError, StorageError
+from .errors import ConfigurationError, LedgerError, SchemaMissing, StorageError
 
 __all__ = ["main"]
 
@@ -45,16 +48,45 @@ def _url_option(p: argparse.ArgumentParser) -> None:
 
 
 def _ledger(ns: argparse.Namespace, *, create: bool = False) -> Ledger:
-    """The ledger named by --url. Reading commands refuse a SQLite file that does not exist (a typo
-    would otherwise create an empty database and report nothing)."""
-    ledger = Ledger(ns.url, table_prefix=ns.table_prefix, schema=ns.schema)
+    """The ledger named by --url. Only ``migrate`` (``create``) may create tables: every other command
+    first checks, without writing, that the database holds the ledger's tables, and refuses a SQLite
+    file that does not exist or lacks them (a typo in --url or --table-prefix would otherwise turn any
+    file into an empty ledger and report nothing)."""
+    ledger = Ledger(ns.url, table_prefix=ns.table_prefix, schema=ns.schema, auto_migrate=False)
     if not create and ledger._rt.dialect == "sqlite":
         from sqlalchemy.engine import make_url
 
         path = make_url(ledger._rt.sync_url).database
         if path and not os.path.exists(path):
             raise ConfigurationError(f"no ledger database at {path} (check --url / $AGENT_LEDGER_URL)")
+        if path and ns.schema is None:
+            _check_sqlite_tables(path, ledger)
     return ledger
+
+
+def _check_sqlite_tables(path: str, ledger: Ledger) -> None:
+    """Refuse a SQLite file without the ledger's tables, looking through a read-only connection (the
+    ledger's own connections switch the file to WAL mode, which rewrites its header)."""
+    from urllib.parse import quote
+
+    t = ledger.tables
+    wanted = [t.effects.name, t.events.name, t.approvals.name, t.inbound.name]
+    try:
+        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
+        try:
+            names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise ConfigurationError(f"{path} is not a SQLite database the ledger can read ({e})") from e
+    missing = [name for name in wanted if name not in names]
+    if missing:
+        prefix = t.effects.name[: -len("effects")]
+        what = "no ledger tables" if len(missing) == len(wanted) else f"not all ledger tables (missing {missing})"
+        raise SchemaMissing(
+            f"{path} has {what} with the prefix {prefix!r}: check --url and --table-prefix "
+            f"(`agent-ledger migrate` creates the tables). Nothing was written."
+        )
 
 
 def _print_json(data: Any) -> None:
@@ -70,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--agent", action="store_true", help=argparse.SUPPRESS)
     demo.add_argument("--crash", action="store_true", help=argparse.SUPPRESS)
     demo.add_argument("--bank", help=argparse.SUPPRESS)
+    demo.add_argument("--workflow", help=argparse.SUPPRESS)
 
     mig = sub.add_parser("migrate", help="create or upgrade the ledger's tables (alembic upgrade head)")
     _url_option(mig)
@@ -241,13 +274,27 @@ def _approvals(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agent-ledger`` command; returns the exit code."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, like any well-behaved filter. Python would
+        # flush stdout again at exit and print the error, so stdout now points at /dev/null.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     ns = _parser().parse_args(argv)
     try:
         if ns.command == "demo":
             from . import _demo
 
             if ns.agent:
-                _demo.agent(ns.db, ns.bank, ns.crash)
+                _demo.agent(ns.db, ns.bank, ns.crash, ns.workflow)
                 return 0
             return _demo.main(ns.db)
         if ns.command == "migrate":

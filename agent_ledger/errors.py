@@ -35,6 +35,7 @@ request can still be decided; it is raised to whoever calls a channel's hooks di
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime
 from typing import Any
 
@@ -88,10 +89,19 @@ class NoWorkflow(LedgerError):
     """A decorated tool was called outside ``with ledger.workflow(...)``."""
 
     def __init__(self, tool: str) -> None:
+        thread = threading.current_thread()
+        in_thread = ""
+        if thread is not threading.main_thread():
+            in_thread = (
+                f". It was called in the thread {thread.name!r}: threads do not inherit the workflow of the "
+                f"code that started them. Submit the call with `wf.submit(executor, fn, *args)` inside "
+                f"`with ledger.workflow(...) as wf:`, or with "
+                f"`executor.submit(contextvars.copy_context().run, fn, *args)`"
+            )
         super().__init__(
             f"tool {tool!r} was called with no workflow in context: wrap the call in "
             f"`with ledger.workflow('<workflow id>'):` (or `async with`), or use "
-            f"ledger.run(ToolCall(workflow_id=..., tool=..., args=...), handler=...)"
+            f"ledger.run(ToolCall(workflow_id=..., tool=..., args=...), handler=...){in_thread}"
         )
         self.tool = tool
 

@@ -35,14 +35,32 @@ def wrap_tool(ledger: Ledger, tool: BaseTool, **options: Any) -> BaseTool:
             raise NoWorkflow(tool.name)
         return ToolCall(workflow_id=workflow_id, tool=tool.name, args=kwargs)
 
-    def run(**kwargs: Any) -> Any:
-        return ledger.run(_call(kwargs), handler=lambda **kw: tool.invoke(kw), **options)
+    if tool.response_format == "content_and_artifact":
+        # Invoked with plain arguments such a tool returns its content only: invoke it with a tool
+        # call instead, record [content, artifact], and hand the pair back (replays rebuild the tuple).
 
-    async def arun(**kwargs: Any) -> Any:
-        async def handler(**kw: Any) -> Any:
-            return await tool.ainvoke(kw)
+        def run(**kwargs: Any) -> Any:
+            def handler(**kw: Any) -> Any:
+                return _content_and_artifact(tool.invoke(_tool_call(tool, kw)))
 
-        return await ledger.arun(_call(kwargs), handler=handler, **options)
+            return tuple(ledger.run(_call(kwargs), handler=handler, **options))
+
+        async def arun(**kwargs: Any) -> Any:
+            async def handler(**kw: Any) -> Any:
+                return _content_and_artifact(await tool.ainvoke(_tool_call(tool, kw)))
+
+            return tuple(await ledger.arun(_call(kwargs), handler=handler, **options))
+
+    else:
+
+        def run(**kwargs: Any) -> Any:
+            return ledger.run(_call(kwargs), handler=lambda **kw: tool.invoke(kw), **options)
+
+        async def arun(**kwargs: Any) -> Any:
+            async def handler(**kw: Any) -> Any:
+                return await tool.ainvoke(kw)
+
+            return await ledger.arun(_call(kwargs), handler=handler, **options)
 
     return StructuredTool.from_function(
         func=run,
@@ -51,7 +69,17 @@ def wrap_tool(ledger: Ledger, tool: BaseTool, **options: Any) -> BaseTool:
         description=tool.description,
         args_schema=tool.args_schema,
         return_direct=tool.return_direct,
+        response_format=tool.response_format,
     )
+
+
+def _tool_call(tool: BaseTool, args: dict[str, Any]) -> dict[str, Any]:
+    """A tool-call dict for ``tool``: the input form that makes LangChain return the artifact too."""
+    return {"type": "tool_call", "name": tool.name, "args": args, "id": "agent_ledger"}
+
+
+def _content_and_artifact(message: Any) -> tuple[Any, Any]:
+    return message.content, message.artifact
 
 
 def tool_message(tool_call: Any, result: Any) -> ToolMessage:

@@ -63,8 +63,11 @@ class ApprovalService:
         return approval_from_row(found) if found is not None else None
 
     def pending(self, workflow_id: str | None = None, tool: str | None = None) -> list[Approval]:
-        """Approval requests still waiting for a decision (oldest first), optionally filtered."""
-        rows = self._rt.do(self._rt.store.approvals(status="pending", workflow_id=workflow_id, tool=tool, now=utcnow()))
+        """Approval requests still waiting for a decision (oldest first), optionally filtered. A request
+        whose key already holds a call with other arguments is left out: it can never be used."""
+        rows = self._rt.do(
+            self._rt.store.approvals(status="pending", workflow_id=workflow_id, tool=tool, now=utcnow(), runnable=True)
+        )
         return [approval_from_row(r) for r in rows]
 
     # -- decisions -------------------------------------------------------------------------
@@ -103,6 +106,16 @@ class ApprovalService:
         approvers = found["approvers"]
         if approvers is not None and by not in approvers:
             raise refuse(f"{by!r} may not decide on tool {found['tool']!r}; its approvers are {approvers}")
+        if found["status"] == "pending":
+            # Its key already holds a call with other arguments (a tool keyed on a subset of them): a
+            # call with this payload is refused (PayloadMismatch) whatever the decision, so none is taken.
+            # TODO(issue 14): mark such requests ``superseded`` instead.
+            effect = self._rt.do(store.load(found["key"]))
+            if effect is not None and effect["payload_hash"] != found["payload_hash"]:
+                raise refuse(
+                    f"the call already ran with other arguments (its key {found['key']} is {effect['status']} "
+                    f"with a different payload), so this request can never be used"
+                )
         if not self._rt.do(store.record_decision(found, status=status, by=by, reason=reason, now=now)):
             current = self._rt.do(store.approval(approval_id))
             if current["status"] == "pending" and current["expires_at"] <= now:
