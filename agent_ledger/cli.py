@@ -331,7 +331,11 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"agent-ledger: {e}", file=sys.stderr)
         return 2
     except StorageError as e:
-        print(f"agent-ledger: {e}", file=sys.stderr)
+        hint = ""
+        prefix = getattr(ns, "table_prefix", None)
+        if isinstance(e, SchemaMissing) and prefix and "--table-prefix" not in str(e):
+            hint = f" (looked for tables named {prefix}*: check --url and --table-prefix)"
+        print(f"agent-ledger: {e}{hint}", file=sys.stderr)
         return 3
     except LedgerError as e:
         print(f"agent-ledger: {e}", file=sys.stderr)

@@ -191,6 +191,7 @@ def test_no_command_but_migrate_creates_tables(db_url: str, tmp_path: Path) -> N
     for command in COMMANDS:
         out = cli(*command, "--url", url, "--table-prefix", "agent_ledgr_")
         assert out.returncode == 3, (command, out.stdout, out.stderr)
+        assert "agent_ledgr_" in out.stderr and "--table-prefix" in out.stderr, out.stderr
         assert _tables(url) == created, command
     assert cli("history", "wf", "--url", url).returncode == 0
 
