@@ -355,6 +355,11 @@ def test_a_tool_in_a_thread_pool_says_how_and_wf_submit_works(ledger: Ledger) ->
     assert len(runs) == 6
     for workflow in ("order-a", "order-b"):
         assert sorted(r.status.value for r in ledger.history(workflow)) == ["succeeded"] * 3
+    # A workflow object that was not entered submits into its own workflow too.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        later = ledger.workflow("order-c")
+        assert [later.submit(pool, charge, 4).result() for _ in range(2)] == [4, 4]
+    assert runs[6:] == [("order-c", 4)]
 
 
 # -- the first call's duration ------------------------------------------------------------------
