@@ -32,7 +32,6 @@ from ._flow import (
     describe_error,
     encode_result,
     execute,
-    make_owner,
     owner_gone,
     utcnow,
 )
@@ -404,8 +403,8 @@ class Ledger:
         self.tables = build_tables(table_prefix, schema)
         self._telemetry = Telemetry(tracer_provider)
         self.redaction_key = redaction_key.encode() if isinstance(redaction_key, str) else redaction_key
+        # The owner id lives on the runtime, which gives a forked child a new one (Runtime.after_fork).
         self._rt = Runtime(resolved, self.tables, auto_migrate=auto_migrate, engine_options=engine_options)
-        self.owner = make_owner()
         self.approvals = ApprovalService(self._rt, channels, actor=self.owner)
         """Approval requests of this ledger: read, approve, reject (``ApprovalService``)."""
         self._rt.approvals = self.approvals
@@ -413,6 +412,16 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"Ledger({self._rt.dialect}, tables={self.tables.effects.name!r})"
+
+    @property
+    def owner(self) -> str:
+        """This process's owner id for the ledger's claims: ``host:pid:random``.
+
+        Read per call, so claims always carry the pid of the process that makes them: a child forked
+        from a process holding this ledger gets its own id (a claim made in the child must not look
+        dead when the parent exits, nor the parent's look alive while the child runs).
+        """
+        return self._rt.owner
 
     @property
     def channels(self) -> tuple[Any, ...]:
@@ -473,6 +482,9 @@ class Ledger:
         return result
 
     async def _aexecute(self, plan: Plan) -> Any:
+        owner = self.owner
+        if plan.owner != owner:  # planned before an os.fork(), awaited in the child: claim as the child
+            plan = dataclasses.replace(plan, owner=owner)
         seen = self._telemetry.begin(plan)
         if seen is None:
             return await self._rt.run_async(execute(plan))

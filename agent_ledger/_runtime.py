@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ._fast import HOP, AsyncPool, Hot, SyncPool, install_idle_ping
-from ._flow import Beat, Db, Invoke, Notify, Op, Replayed, Sleep, StopBeat, utcnow
+from ._flow import Beat, Db, Invoke, Notify, Op, Replayed, Sleep, StopBeat, make_owner, utcnow
 from ._schema import Tables
 from ._store import Store, Work
 from ._telemetry import CallObserver
@@ -175,6 +175,8 @@ class Runtime:
         self.dialect, self.sync_url, self.async_url = normalise_url(url)
         self.approvals: ApprovalService | None = None
         """Carries out ``Notify`` (set by the ``Ledger`` that owns this runtime)."""
+        self.owner = make_owner()
+        """The owner id of this process's claims and audit rows (``host:pid:random``; renewed after a fork)."""
         self.tables = tables
         self.store = Store(tables, self.dialect)
         self.auto_migrate = (self.dialect == "sqlite") if auto_migrate is None else auto_migrate
@@ -568,7 +570,15 @@ class Runtime:
             await pool.close()
 
     def after_fork(self) -> None:
-        """In a forked child: drop inherited connections and threads (they belong to the parent)."""
+        """In a forked child: take a new owner id and drop inherited connections and threads (they
+        belong to the parent).
+
+        The owner id names the process (``host:pid:random``); with the parent's id, the child's claims
+        would look dead (``owner_gone``) as soon as the parent exits, while the child still runs them.
+        """
+        self.owner = make_owner()
+        if self.approvals is not None:
+            self.approvals.actor = self.owner
         if self._engine is not None:
             self._engine.dispose(close=False)
         self._spool = self._rpool = None  # the parent's connections stay the parent's
