@@ -34,7 +34,7 @@ from ._decide import (
     decide,
     decide_approval,
 )
-from ._keys import normalise, payload_hash
+from ._keys import Redaction, normalise, payload_hash
 from ._models import Effect
 from ._store import Store, Work, row_from_mapping
 from .errors import (
@@ -213,6 +213,9 @@ class Plan:
     """Set when this call needs a human approval bound to its payload hash."""
     retention: float | None = None
     """Seconds after completion when ``prune`` may delete the record (None: only by ``older_than``)."""
+    redaction: Redaction | None = None
+    """Set when some arguments are redacted: ``args``, the key and the payload hash hold their keyed
+    hashes, and their texts are scrubbed from every error, traceback and repr the flow records."""
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,19 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
         "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__))[-16000:],
         "classes": [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__ if c not in (object,)],
     }
+
+
+def _describe(plan: Plan, exc: BaseException) -> dict[str, Any]:
+    """``describe_error`` with the plan's redacted values scrubbed from the message and traceback."""
+    info = describe_error(exc)
+    if plan.redaction is not None:
+        info["message"] = plan.redaction.scrub(info["message"])
+        info["traceback"] = plan.redaction.scrub(info["traceback"])
+    return info
+
+
+def _scrub(plan: Plan, text: str | None) -> str | None:
+    return plan.redaction.scrub(text) if plan.redaction is not None and text is not None else text
 
 
 def _decoded(plan: Plan, row: Row) -> Any:
@@ -538,7 +554,7 @@ def _run_claimed(
                 result = yield Invoke(plan.invoke, effect)
         except Exception as exc:
             detail["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
-            error = describe_error(exc)
+            error = _describe(plan, exc)
             # Each attempt's error stays in its own audit row (the effect keeps only the latest one).
             detail["error"] = {"type": error["type"], "message": error["message"]}
             yield from _record(plan, "fail", finish, detail, error=error)
@@ -547,12 +563,13 @@ def _run_claimed(
             # Interrupted (KeyboardInterrupt, SystemExit, task cancellation): the handler did not finish
             # and may have done part of its work. Record that honestly instead of guessing.
             detail["interrupted"] = type(exc).__name__
-            yield from _record(plan, "mark_unknown", finish, detail, error=describe_error(exc))
+            yield from _record(plan, "mark_unknown", finish, detail, error=_describe(plan, exc))
             raise
         detail["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
         data, replayable, shown, reason = encode_result(result)
+        shown = _scrub(plan, shown)
         if not replayable:
-            detail["not_replayable"] = reason
+            detail["not_replayable"] = _scrub(plan, reason)
         yield from _record(
             plan,
             "succeed",
@@ -569,7 +586,10 @@ def _run_claimed(
 
 def _verify_approved_payload(plan: Plan, approval_id: str) -> None:
     """Recompute the payload hash from the arguments about to be handed over; refuse if they changed."""
-    actual = payload_hash(plan.tool, normalise(dict(plan.call_args), "args"))
+    normalised = normalise(dict(plan.call_args), "args")
+    if plan.redaction is not None:
+        normalised = plan.redaction.args(normalised)
+    actual = payload_hash(plan.tool, normalised)
     if actual != plan.payload_hash:
         raise ApprovalMismatch(approval_id, plan.key, plan.tool, plan.payload_hash, actual)
 
@@ -582,9 +602,10 @@ def _reconcile(plan: Plan, effect: Effect, finish: Mapping[str, Any]) -> Generat
         found = yield Invoke(plan.reconcile, effect)
     except Exception as exc:
         # Reconciliation itself failed: the outcome is as unknown as before. Never guess.
-        yield from _record(plan, "mark_unknown", finish, {"reconcile_error": repr(exc)}, error=describe_error(exc))
+        shown = _scrub(plan, repr(exc))
+        yield from _record(plan, "mark_unknown", finish, {"reconcile_error": shown}, error=_describe(plan, exc))
         raise OutcomeUnknown(
-            plan.key, plan.tool, plan.args, plan.owner, effect.attempt, detail=f"reconcile raised {exc!r}"
+            plan.key, plan.tool, plan.args, plan.owner, effect.attempt, detail=f"reconcile raised {shown}"
         ) from exc
     yield Db(
         plan.store.event(

@@ -8,6 +8,7 @@ over the *full* normalised arguments and the tool, so a key-subset tool can stil
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -37,6 +38,8 @@ __all__ = [
     "payload_from_canonical",
     "payload_hash",
     "redacted",
+    "Redaction",
+    "REDACTED_TEXT",
 ]
 
 KEY_VERSION = 1
@@ -189,16 +192,88 @@ def payload_hash(tool: str, args: Mapping[str, Any]) -> str:
 
 
 def redacted(value: Any, key: bytes | None = None) -> dict[str, str]:
-    """What is stored instead of a redacted argument: its hash (HMAC-SHA256 when a key is configured).
+    """What is stored instead of a redacted argument: its HMAC-SHA256 under the ledger's redaction key.
 
     Equal values give equal hashes, so a changed redacted argument is still detected (and named), while
-    the value itself never reaches the database. Without a key, low-entropy values (a card number) can
-    be brute-forced from a plain hash: configure ``Ledger(redaction_key=...)`` for those.
+    the value itself never reaches the database. The ledger always passes its key (``redact=`` without
+    ``Ledger(redaction_key=...)`` is refused): a plain hash of a low-entropy value (a PIN, a card
+    number) is reversed by enumeration. Without ``key`` this returns that plain hash.
     """
     data = canonical(value)
     if key:
         return {"$redacted": "hmac-sha256:" + hmac.new(key, data, hashlib.sha256).hexdigest()}
     return {"$redacted": "sha256:" + hashlib.sha256(data).hexdigest()}
+
+
+REDACTED_TEXT = "[redacted]"
+"""What replaces a redacted value's text in recorded error messages, tracebacks and result reprs."""
+
+
+def _texts(value: Any, out: set[str]) -> None:
+    """The texts a value shows in messages: ``str`` and ``repr`` of it and of every leaf inside it."""
+    if value is None or isinstance(value, bool):
+        return  # "None"/"True"/"False" are everywhere in tracebacks; such a value is one bit anyway
+    if isinstance(value, Mapping):
+        for v in value.values():
+            _texts(v, out)
+        return
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            _texts(v, out)
+        return
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        out.add(repr(raw))
+        out.add(raw.decode("utf-8", "replace"))
+        out.add(base64.b64encode(raw).decode("ascii"))
+        return
+    for text in (str, repr):
+        with contextlib.suppress(Exception):  # a str/repr that raises: nothing to scrub
+            out.add(text(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class Redaction:
+    """One call's redacted arguments: how they are hashed, and the texts to scrub from records.
+
+    The key and the payload hash of a call are computed over its arguments with each redacted value
+    replaced by ``redacted(value, key)`` (the form stored in ``args``), so nothing stored or sent
+    about the call can be checked against a guessed value without the redaction key.
+    """
+
+    names: frozenset[str]
+    key: bytes
+    texts: tuple[str, ...] = ()
+    """The redacted values as text (longest first), removed from errors, tracebacks and reprs."""
+
+    @classmethod
+    def of(
+        cls, names: tuple[str, ...], key: bytes, call_args: Mapping[str, Any], normalised: Mapping[str, Any]
+    ) -> Redaction:
+        """The redaction of one call (its values' texts collected from the given and normalised args)."""
+        found: set[str] = set()
+        for name in names:
+            if name in call_args:
+                _texts(call_args[name], found)
+            if name in normalised:
+                value = normalised[name]
+                _texts(value, found)
+                if isinstance(value, (dict, list)):
+                    found.add(canonical(value).decode("utf-8", "replace"))
+                    found.add(json.dumps(value))
+        found.discard("")
+        return cls(frozenset(names), key, tuple(sorted(found, key=len, reverse=True)))
+
+    def args(self, normalised: Mapping[str, Any]) -> dict[str, Any]:
+        """The normalised arguments with each redacted value replaced by its keyed hash."""
+        return {k: (redacted(v, self.key) if k in self.names else v) for k, v in normalised.items()}
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every occurrence of a redacted value's text replaced by ``[redacted]``."""
+        for secret in self.texts:
+            if secret in text:
+                text = text.replace(secret, REDACTED_TEXT)
+        return text
 
 
 def diff_fields(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:

@@ -87,6 +87,7 @@ DEFAULT_URL = "sqlite:///agent_ledger.db"
 DEFAULT_LEASE = 30.0
 DEFAULT_WAIT = 30.0
 DEFAULT_APPROVAL_TTL = 24 * 3600.0
+MIN_REDACTION_KEY = 16
 
 
 @dataclass
@@ -210,7 +211,8 @@ class CallOptions(TypedDict, total=False):
     result_type: Any
     """``ledger.run`` only: rebuild replayed results as this type (the decorator uses the annotation)."""
     redact: Iterable[str] | None
-    """Arguments stored only as a hash (still part of the key and the payload hash), e.g. card numbers."""
+    """Secret arguments (a PIN, a card number): stored, hashed into the key and the payload hash, and sent
+    only as their HMAC under ``Ledger(redaction_key=...)`` (required), and scrubbed from recorded errors."""
     retention: float | timedelta | None
     """Keep this tool's settled records at least this long; ``ledger.prune()`` removes them after."""
 
@@ -402,7 +404,15 @@ class Ledger:
         self.detect_local_crashes = detect_local_crashes
         self.tables = build_tables(table_prefix, schema)
         self._telemetry = Telemetry(tracer_provider)
-        self.redaction_key = redaction_key.encode() if isinstance(redaction_key, str) else redaction_key
+        if redaction_key is not None and not isinstance(redaction_key, (str, bytes)):
+            raise ConfigurationError("redaction_key must be a str or bytes secret")
+        key_bytes = redaction_key.encode() if isinstance(redaction_key, str) else redaction_key
+        if key_bytes is not None and len(key_bytes) < MIN_REDACTION_KEY:
+            raise ConfigurationError(
+                f"redaction_key must be at least {MIN_REDACTION_KEY} bytes (e.g. secrets.token_hex(32)): "
+                f"a short key can be guessed together with the redacted values"
+            )
+        self.redaction_key = key_bytes
         # The owner id lives on the runtime, which gives a forked child a new one (Runtime.after_fork).
         self._rt = Runtime(resolved, self.tables, auto_migrate=auto_migrate, engine_options=engine_options)
         self.approvals = ApprovalService(self._rt, channels, actor=self.owner)
@@ -507,6 +517,12 @@ class Ledger:
         decode: Callable[[Any], Any] | None,
     ) -> Plan:
         normalised = _keys.normalise(dict(args), "args")
+        redaction = None
+        if options.redact:
+            secret = self._redaction_key(tool)
+            redaction = _keys.Redaction.of(options.redact, secret, args, normalised)
+            # The key, the payload hash and the stored args all hold the keyed hash, never the value.
+            normalised = redaction.args(normalised)
         canonical_args = _keys.canonical(normalised)  # once: the key and the payload hash reuse it
         size = len(canonical_args)
         if size > self.max_args_bytes:
@@ -526,17 +542,12 @@ class Ledger:
             key_bytes = _keys.canonical({k: normalised[k] for k in options.key})
         else:
             key_bytes = canonical_args
-        stored = normalised
-        if options.redact:
-            stored = {
-                k: (_keys.redacted(v, self.redaction_key) if k in options.redact else v) for k, v in normalised.items()
-            }
         return Plan(
             store=self._rt.store,
             key=_keys.key_from_canonical(workflow_id, tool, key_bytes),
             workflow_id=workflow_id,
             tool=tool,
-            args=stored,
+            args=normalised,
             call_args=dict(args),
             payload_hash=_keys.payload_from_canonical(tool, canonical_args),
             invoke=invoke,
@@ -549,7 +560,18 @@ class Ledger:
             detect_local_crashes=self.detect_local_crashes,
             approval=self._approval_for(options, workflow_id, tool, args),
             retention=options.retention,
+            redaction=redaction,
         )
+
+    def _redaction_key(self, tool: str) -> bytes:
+        if not self.redaction_key:
+            raise ConfigurationError(
+                f"tool {tool!r} redacts arguments but the ledger has no redaction key: pass "
+                f"Ledger(redaction_key=...) (a secret of at least {MIN_REDACTION_KEY} bytes, e.g. "
+                f"secrets.token_hex(32), kept like a password). A plain hash would not hide a redacted "
+                f"value: a PIN or a card number is found again by hashing every candidate."
+            )
+        return self.redaction_key
 
     @staticmethod
     def _approval_for(options: _Options, workflow_id: str, tool: str, args: Mapping[str, Any]) -> ApprovalPolicy | None:
@@ -671,6 +693,8 @@ class Ledger:
                 "@ledger.tool rebuilds results from the return annotation; result_type is for run()"
             )
         built = _Options.build(options)
+        if built.redact:
+            self._redaction_key(name if isinstance(name, str) else getattr(name, "__qualname__", repr(name)))
         where = _caller_namespace()
         if callable(name):
             return self._decorate(name, None, built, where)

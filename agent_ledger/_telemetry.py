@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,8 +65,24 @@ class CallObserver:
                 if value is not None:
                     span.set_attribute(f"agent_ledger.{name}", value)
             if error is not None:
-                span.record_exception(error)
-                span.set_status(_otel.Status(_otel.StatusCode.ERROR, str(error)))
+                if plan.redaction is None:
+                    span.record_exception(error)
+                    span.set_status(_otel.Status(_otel.StatusCode.ERROR, str(error)))
+                else:  # the same event as record_exception, with the redacted values' texts scrubbed
+                    scrub = plan.redaction.scrub
+                    cls = type(error)
+                    span.add_event(
+                        "exception",
+                        {
+                            "exception.type": f"{cls.__module__}.{cls.__qualname__}",
+                            "exception.message": scrub(str(error)),
+                            "exception.stacktrace": scrub(
+                                "".join(traceback.format_exception(cls, error, error.__traceback__))
+                            ),
+                            "exception.escaped": "False",
+                        },
+                    )
+                    span.set_status(_otel.Status(_otel.StatusCode.ERROR, scrub(str(error))))
             span.end()
         level = logging.DEBUG if self.replayed else logging.INFO
         if log.isEnabledFor(level):
