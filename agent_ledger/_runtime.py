@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ._fast import HOP, AsyncPool, Hot, SyncPool, install_idle_ping
 from ._flow import Beat, Db, Invoke, Notify, Op, Replayed, Sleep, StopBeat, make_owner, utcnow
+from ._hide import hide, hide_url, password_of, remember
 from ._schema import Tables
 from ._store import Store, Work
 from ._telemetry import CallObserver
@@ -45,17 +46,25 @@ _MISSING_SCHEMA_HINTS = ("no such table", "no such column", "does not exist", "u
 
 
 def normalise_url(url: str) -> tuple[str, str, str]:
-    """(dialect, sync URL, async URL) for a user's database URL; refuses what the ledger cannot use."""
+    """(dialect, sync URL, async URL) for a user's database URL; refuses what the ledger cannot use.
+
+    Messages show the URL with its password masked, and the password is remembered so that driver
+    errors quoting it are masked too (``_hide``).
+    """
+    remember(password_of(url))
+    shown = hide_url(url)
     try:
         u = make_url(url)
     except Exception as e:
-        raise ConfigurationError(f"cannot parse database URL {url!r}: {e}") from e
+        # Not chained: the parser's own message may quote the whole URL, password included.
+        raise ConfigurationError(f"cannot parse database URL {shown!r}: {hide(str(e)).replace(url, shown)}") from None
+    remember(u.password if isinstance(u.password, str) else None)
     backend = u.get_backend_name()
     driver = u.get_driver_name() if "+" in u.drivername else None
     if backend in ("postgresql", "postgres"):
         if driver not in (None, "psycopg", "psycopg_async"):
             raise ConfigurationError(
-                f"database URL {url!r} uses the driver {driver!r}: agent_ledger talks to Postgres through "
+                f"database URL {shown!r} uses the driver {driver!r}: agent_ledger talks to Postgres through "
                 f"psycopg 3; write postgresql+psycopg://..."
             )
         pg = u.set(drivername="postgresql+psycopg")
@@ -63,10 +72,10 @@ def normalise_url(url: str) -> tuple[str, str, str]:
         return "postgresql", s, s
     if backend == "sqlite":
         if driver not in (None, "pysqlite", "aiosqlite"):
-            raise ConfigurationError(f"database URL {url!r}: SQLite is used through sqlite3/aiosqlite")
+            raise ConfigurationError(f"database URL {shown!r}: SQLite is used through sqlite3/aiosqlite")
         if not u.database or u.database == ":memory:" or u.query.get("mode") == "memory":
             raise ConfigurationError(
-                f"database URL {url!r} is an in-memory SQLite database: sync and async calls and other "
+                f"database URL {shown!r} is an in-memory SQLite database: sync and async calls and other "
                 f"processes would each see a different, empty database. Use a file, e.g. "
                 f"sqlite:///agent_ledger.db (or a tmp_path in tests)."
             )
@@ -76,7 +85,7 @@ def normalise_url(url: str) -> tuple[str, str, str]:
             u.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False),
         )
     raise ConfigurationError(
-        f"database URL {url!r}: agent_ledger supports postgresql+psycopg:// and sqlite:/// URLs, not {u.drivername!r}"
+        f"database URL {shown!r}: agent_ledger supports postgresql+psycopg:// and sqlite:/// URLs, not {u.drivername!r}"
     )
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from ._hide import hide, hide_url
 from ._ledger import Ledger
 from ._models import Status
 from .errors import ConfigurationError, LedgerError, SchemaMissing, StorageError
@@ -25,15 +26,10 @@ __all__ = ["main"]
 
 
 def _shown(url: str | None) -> str:
-    """A URL for --help, with any password masked."""
+    """A URL for --help, with any password (and credential-like query value) masked."""
     if not url:
         return "unset"
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "(set)"
+    return hide_url(url)
 
 
 def _url_option(p: argparse.ArgumentParser) -> None:
@@ -328,16 +324,16 @@ def _main(argv: Sequence[str] | None) -> int:
                     print(f"  unknown  {key}")
             return 0
     except ConfigurationError as e:
-        print(f"agent-ledger: {e}", file=sys.stderr)
+        print(f"agent-ledger: {hide(str(e))}", file=sys.stderr)
         return 2
     except StorageError as e:
         hint = ""
         prefix = getattr(ns, "table_prefix", None)
         if isinstance(e, SchemaMissing) and prefix and "--table-prefix" not in str(e):
             hint = f" (looked for tables named {prefix}*: check --url and --table-prefix)"
-        print(f"agent-ledger: {e}{hint}", file=sys.stderr)
+        print(f"agent-ledger: {hide(str(e))}{hint}", file=sys.stderr)
         return 3
     except LedgerError as e:
-        print(f"agent-ledger: {e}", file=sys.stderr)
+        print(f"agent-ledger: {hide(str(e))}", file=sys.stderr)
         return 1
     raise AssertionError(ns.command)  # pragma: no cover

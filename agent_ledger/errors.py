@@ -39,6 +39,8 @@ import threading
 from datetime import datetime
 from typing import Any
 
+from ._hide import hide
+
 __all__ = [
     "ApprovalMismatch",
     "ApprovalPending",
@@ -63,6 +65,10 @@ __all__ = [
 ]
 
 
+def _hidden(args: tuple[object, ...]) -> tuple[object, ...]:
+    return tuple(hide(a) if isinstance(a, str) else a for a in args)
+
+
 class LedgerError(Exception):
     """Base class of every error raised by agent_ledger."""
 
@@ -70,7 +76,13 @@ class LedgerError(Exception):
 
 
 class ConfigurationError(LedgerError, ValueError):
-    """A ledger, tool or call was configured with an invalid option."""
+    """A ledger, tool or call was configured with an invalid option.
+
+    Its message never holds a credential: URLs in it are shown with their password masked.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*_hidden(args))
 
 
 class InvalidArguments(LedgerError, ValueError):
@@ -322,7 +334,13 @@ class WebhookDeliveryError(ChannelError):
 
 
 class StorageError(LedgerError):
-    """The database failed, is unreachable, or returned something the ledger cannot use."""
+    """The database failed, is unreachable, or returned something the ledger cannot use.
+
+    Its message never holds the database password, even when the driver's own message quoted it.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*_hidden(args))
 
 
 class SchemaMissing(StorageError):

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .._flow import utcnow
+from .._hide import hide
 from .._models import Approval, approval_from_row
 from ..errors import ApprovalRefused, ConfigurationError, InvalidArguments
 
@@ -230,7 +231,7 @@ class _Outcome:
 
 
 def _channel_name(channel: Any) -> str:
-    return str(getattr(channel, "name", type(channel).__name__))
+    return hide(str(getattr(channel, "name", type(channel).__name__)))  # audited and logged: no credentials
 
 
 def _settled(outcome: _Outcome) -> _Outcome:
@@ -257,11 +258,11 @@ def _call_channel(channel: Any, hook: str, row: Mapping[str, Any]) -> _Outcome:
         fn = getattr(channel, hook)
         return _Outcome(fn(approval) if hook == "request" else fn(approval, state))
     except Exception as e:
-        return _Outcome(error=f"{type(e).__name__}: {e}")
+        return _Outcome(error=hide(f"{type(e).__name__}: {e}"))  # audited and logged: no credentials
 
 
 async def _awaited_outcome(value: Any) -> _Outcome:
     try:
         return _Outcome(await value)
     except Exception as e:
-        return _Outcome(error=f"{type(e).__name__}: {e}")
+        return _Outcome(error=hide(f"{type(e).__name__}: {e}"))

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from standardwebhooks import Webhook
 
+from .._hide import hide, hide_url
 from .._models import Approval
 from ..errors import ConfigurationError, InvalidArguments, WebhookDeliveryError
 
@@ -105,7 +106,7 @@ class WebhookChannel:
                         self.url, content=body, headers=signed_headers(self.secret, message_id, body)
                     )
                 except httpx.HTTPError as e:
-                    last = f"{type(e).__name__}: {e}"
+                    last = hide(f"{type(e).__name__}: {e}")
                     self.deliveries.append((message_id, last))
                     continue
                 self.deliveries.append((message_id, response.status_code))
@@ -115,7 +116,8 @@ class WebhookChannel:
         finally:
             if self._client is None:
                 client.close()
-        raise WebhookDeliveryError(f"{self.url}: {self.attempts} attempt(s) failed, last: {last}")
+        # Audited and logged by the ledger: the URL's credentials (user:password@, ?token=) are masked.
+        raise WebhookDeliveryError(f"{hide_url(self.url)}: {self.attempts} attempt(s) failed, last: {last}")
 
     def request(self, approval: Approval) -> None:
         """Deliver ``approval.requested``."""
