@@ -19,7 +19,7 @@ invent a move. ``decide()`` maps (stored row, request, time) to one ``Decision``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -227,19 +227,27 @@ def decide(row: Row | None, req: Request, now: datetime, *, owner_gone: bool = F
 ApprovalStep = Literal["use", "wait", "rejected", "expire", "request"]
 
 
-def decide_approval(approval: Mapping[str, Any] | None, now: datetime) -> ApprovalStep:
+def decide_approval(
+    approval: Mapping[str, Any] | None, now: datetime, approvers: Collection[str] | None = None
+) -> ApprovalStep:
     """What to do before executing a call that needs approval, given its newest request (or none).
 
     ``use``: approved, unexpired and unused: consume it together with the claim. ``wait``: pending.
     ``rejected``: refuse with the decision. ``expire``: its time ran out: record that, then ask again.
-    ``request``: no usable request for this exact payload (none yet, or the last one was used or expired).
+    ``request``: no usable request for this exact payload (none yet, the last one was used or expired,
+    or it was approved by someone who is not among the call's current ``approvers``).
     """
     if approval is None:
         return "request"
     status = approval["status"]
     live = approval["expires_at"] > now
     if status == "approved":
-        return "use" if live else "expire"
+        if not live:
+            return "expire"
+        if approvers is not None and approval["decided_by"] not in approvers:
+            # Approved under an older, looser allowlist: the tool's current list governs.
+            return "request"
+        return "use"
     if status == "pending":
         return "wait" if live else "expire"
     if status == "rejected":

@@ -37,6 +37,7 @@ from ._decide import (
 from ._keys import Redaction, normalise, payload_hash
 from ._models import Effect
 from ._store import Store, Work, row_from_mapping
+from ._text import storable, text_problem
 from .errors import (
     ApprovalMismatch,
     ApprovalPending,
@@ -231,12 +232,20 @@ class ApprovalPolicy:
 
 
 def _check_json(value: Any, path: str = "result") -> None:
+    if isinstance(value, str):
+        # Postgres stores no NUL in JSON, and a lone surrogate has no UTF-8 form: neither backend may
+        # keep such a result (SQLite could, so refusing it on both keeps them alike).
+        problem = text_problem(value, len(value), allow_empty=True)
+        if problem is not None:
+            raise ValueError(f"{path} {problem}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{path} is {value!r}, which JSON cannot hold")
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ValueError(f"{path} has a non-string key {k!r}")
+            if text_problem(k, len(k), allow_empty=True) is not None:
+                raise ValueError(f"{path} has a key {k!r} that {text_problem(k, len(k), allow_empty=True)}")
             _check_json(v, f"{path}.{k}")
     elif isinstance(value, list):
         for i, v in enumerate(value):
@@ -244,26 +253,39 @@ def _check_json(value: Any, path: str = "result") -> None:
 
 
 def encode_result(value: Any) -> tuple[Any, bool, str | None, str | None]:
-    """(stored JSON, replayable, repr when not replayable, reason) for a handler's return value."""
+    """(stored JSON, replayable, repr when not replayable, reason) for a handler's return value.
+
+    A result holding a string with a NUL character or a lone surrogate is stored as not replayable
+    (its escaped repr is kept): escaping it would replay a different string than the handler returned.
+    """
     try:
         data = pydantic_core.to_jsonable_python(value)
         _check_json(data)
     except Exception as exc:
         try:
-            shown = repr(value)[:2000]
+            shown = storable(repr(value)[:2000])
         except Exception:  # a repr that raises must not lose the record
             shown = f"<unrepresentable {type(value).__qualname__}>"
-        return None, False, shown, f"{type(value).__qualname__} is not JSON-serialisable ({exc})"
+        why = storable(f"{exc}"[:1000])
+        return None, False, shown, f"{type(value).__qualname__} is not JSON-serialisable ({why})"
     return data, True, None, None
 
 
 def describe_error(exc: BaseException) -> dict[str, Any]:
-    """The JSON record of an exception: type, message, traceback and the names of its classes."""
+    """The JSON record of an exception: type, message, traceback and the names of its classes.
+
+    NUL characters and lone surrogates in the message or traceback are escaped (``\\x00``, ``\\ud800``):
+    an error is a description, and every backend must be able to store it.
+    """
     cls = type(exc)
+    try:
+        message = str(exc)
+    except Exception:  # a __str__ that raises must not lose the record
+        message = f"<unprintable {cls.__qualname__}>"
     return {
         "type": f"{cls.__module__}.{cls.__qualname__}",
-        "message": str(exc)[:4000],
-        "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__))[-16000:],
+        "message": storable(message[:4000]),
+        "traceback": storable("".join(traceback.format_exception(cls, exc, exc.__traceback__))[-16000:]),
         "classes": [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__ if c not in (object,)],
     }
 
@@ -456,7 +478,7 @@ def _approval_gate(plan: Plan) -> Generator[Op, Any, str]:
     while True:
         now = utcnow()
         found = yield Db(store.latest_approval(plan.key, plan.payload_hash))
-        step = decide_approval(found, now)
+        step = decide_approval(found, now, policy.approvers)
         if step == "use":
             return str(found["id"])
         if step == "rejected":

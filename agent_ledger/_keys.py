@@ -30,6 +30,7 @@ from .errors import InvalidArguments
 __all__ = [
     "DEFAULT_MAX_ARGS_BYTES",
     "KEY_VERSION",
+    "MAX_DEPTH",
     "canonical",
     "compute_key",
     "diff_fields",
@@ -47,6 +48,34 @@ DEFAULT_MAX_ARGS_BYTES = 1024 * 1024
 _SAFE_INT = 2**53 - 1
 
 
+MAX_DEPTH = 100
+"""Levels of nesting (dicts, lists) allowed in arguments: deeper values are refused."""
+_MAX_INT_BITS = 13_000
+"""Bits of the largest integer argument, about 3,900 digits (Python's own int-to-str limit is 4300)."""
+_TAGS = frozenset({"$bytes", "$int", "$redacted"})
+"""Keys of the one-member objects that stand for values JSON has no form of (bytes, big ints,
+redacted values). A literal key equal to one of them, or starting with ``$$``, gets one more ``$``
+in front, so a literal ``{"$bytes": "AAA="}`` and ``b"\\0\\0"`` never share a key."""
+
+
+def _escaped_key(key: str) -> str:
+    """A literal dict key as stored: ``$`` doubled in front of a tag name or of a key starting ``$$``."""
+    if key[:1] == "$" and (key in _TAGS or key[:2] == "$$"):
+        return "$" + key
+    return key
+
+
+def _string_problem(value: str) -> str | None:
+    if "\x00" in value:
+        return "holds a NUL character (\\x00), which Postgres cannot store"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "holds a lone surrogate, which is not valid Unicode and has no JSON form"
+    return None
+
+
 def normalise(value: Any, path: str = "args") -> Any:
     """Map ``value`` to plain JSON (dict/list/str/int/float/bool/None), or raise ``InvalidArguments``.
 
@@ -54,19 +83,40 @@ def normalise(value: Any, path: str = "args") -> Any:
     time -> ISO time, UUID -> str, Decimal -> str, Enum -> its value, bytes -> ``{"$bytes": base64}``,
     set/frozenset -> sorted list, tuple -> list, dataclass -> dict of fields, pydantic model ->
     ``model_dump(mode="json")``, ints beyond 2**53 -> ``{"$int": "digits"}`` (JSON numbers lose them).
+    A literal dict key that could be read as one of those tags (``$bytes``, ``$int``, ``$redacted``, or
+    any key starting with ``$$``) is stored with one more ``$`` in front, so no literal dict reads as a tag.
+    Refused: strings holding NUL or a lone surrogate, nesting deeper than ``MAX_DEPTH``, integers of
+    more than 13,000 bits (about 3,900 digits).
     """
-    if value is None or isinstance(value, (bool, str)):
+    try:
+        return _normalise(value, path, 0)
+    except RecursionError as exc:  # a pydantic model or dataclass that refers to itself
+        raise InvalidArguments(f"{path} nests too deeply to have a JSON form", path=path) from exc
+
+
+def _normalise(value: Any, path: str, depth: int) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if "\x00" in value or not value.isascii():  # inline: most strings are ASCII without NUL
+            problem = _string_problem(value)
+            if problem is not None:
+                raise InvalidArguments(f"{path} {problem}", path=path)
         return value
     if isinstance(value, enum.Enum):
-        return normalise(value.value, path)
+        return _normalise(value.value, path, depth)
     if isinstance(value, int):
         if -_SAFE_INT <= value <= _SAFE_INT:
             return int(value)
+        if value.bit_length() > _MAX_INT_BITS:
+            raise InvalidArguments(f"{path} is an integer of more than {_MAX_INT_BITS} bits", path=path)
         return {"$int": str(int(value))}
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidArguments(f"{path} is {value!r}: NaN and infinities have no JSON form", path=path)
         return value
+    if depth >= MAX_DEPTH and isinstance(value, (Mapping, list, tuple, set, frozenset)):
+        raise InvalidArguments(f"{path} nests more than {MAX_DEPTH} levels deep", path=path)
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for k, v in value.items():
@@ -75,12 +125,18 @@ def normalise(value: Any, path: str = "args") -> Any:
                     f"{path} has a key of type {type(k).__name__} ({k!r}): dict keys must be strings",
                     path=path,
                 )
-            out[k] = normalise(v, f"{path}.{k}")
+            name = k
+            if k[:1] == "$" or "\x00" in k or not k.isascii():  # inline: most keys are plain ASCII names
+                problem = _string_problem(k)
+                if problem is not None:
+                    raise InvalidArguments(f"{path} has a key {k!r} that {problem}", path=path)
+                name = _escaped_key(k)
+            out[name] = _normalise(v, f"{path}.{k}", depth + 1)
         return out
     if isinstance(value, (list, tuple)):
-        return [normalise(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_normalise(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
     if isinstance(value, (set, frozenset)):
-        items = [normalise(v, f"{path}{{}}") for v in value]
+        items = [_normalise(v, f"{path}{{}}", depth + 1) for v in value]
         return sorted(items, key=canonical)
     if isinstance(value, dt.datetime):
         if value.tzinfo is None or value.utcoffset() is None:
@@ -101,11 +157,12 @@ def normalise(value: Any, path: str = "args") -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, BaseModel):
-        return normalise(value.model_dump(mode="json"), path)
+        return _normalise(value.model_dump(mode="json"), path, depth)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return normalise(
+        return _normalise(
             {f.name: getattr(value, f.name) for f in dataclasses.fields(value)},
             path,
+            depth,
         )
     raise InvalidArguments(
         f"{path} has type {type(value).__module__}.{type(value).__qualname__}, which has no canonical "

@@ -49,6 +49,16 @@ from ._runtime import Runtime
 from ._schema import DEFAULT_PREFIX, build_tables
 from ._store import row_from_mapping
 from ._telemetry import Telemetry
+from ._text import (
+    DEFAULT_AUDIT_INTERVAL,
+    DEFAULT_MAX_BODY_BYTES,
+    MAX_NAME,
+    MAX_REASON,
+    check_name,
+    check_text,
+    printable,
+    text_problem,
+)
 from .approvals._service import ApprovalService
 from .errors import (
     ConfigurationError,
@@ -105,6 +115,22 @@ OnError = Literal["retry", "replay"]
 OnCrash = Literal["unknown", "retry"]
 
 
+def _check_name(value: object, what: str) -> None:
+    """``InvalidArguments`` unless ``value`` is a storable name (string, 1-255 characters, no NUL)."""
+    if not isinstance(value, str):
+        raise InvalidArguments(f"{what} must be a string, not {type(value).__name__}")
+    check_name(value, what)
+
+
+def _findable(*values: object) -> bool:
+    """False when a lookup value (id, name, filter) could never have been stored: nothing matches it.
+
+    A NUL character would make Postgres refuse the query itself (a ``StorageError``), where SQLite
+    answers "nothing found"; both answer that now.
+    """
+    return all(v is None or (isinstance(v, str) and text_problem(v, MAX_NAME) is None) for v in values)
+
+
 def current_workflow() -> str | None:
     """The workflow id set by the innermost ``ledger.workflow(...)`` in this context, if any."""
     state = _workflow.get()
@@ -124,6 +150,7 @@ class Workflow:
             raise InvalidArguments(
                 f"workflow id must be a non-empty string of at most 255 characters, not {workflow_id!r}"
             )
+        _check_name(workflow_id, "workflow id")
         self.workflow_id = workflow_id
         self._tokens: list[contextvars.Token[_WorkflowState | None]] = []
         self._states: list[_WorkflowState] = []
@@ -263,6 +290,10 @@ class _Options:
             raise ConfigurationError(f"requires_approval must be a bool or a predicate of the call, not {requires!r}")
         approvers = _names(options.get("approvers"), "approvers", noun="names", empty=False)
         names = tuple(sorted(set(approvers))) if approvers is not None else None
+        if names is not None and not all(text_problem(a, MAX_NAME) is None for a in names):
+            raise ConfigurationError(
+                f"approvers must be names of at most 255 characters, without NUL or lone surrogates, not {approvers!r}"
+            )
         approval = None
         if requires is not False:
             approval = ApprovalPolicy(
@@ -359,6 +390,8 @@ class _Fits:
 
 
 _fits = _Fits()
+_storable_names = _Fits()
+"""(workflow id, tool) pairs that passed ``_check_name``: the check runs once per pair, not per call."""
 
 
 def _is_async(fn: Any) -> bool:
@@ -516,6 +549,10 @@ class Ledger:
         options: _Options,
         decode: Callable[[Any], Any] | None,
     ) -> Plan:
+        if type(workflow_id) is not str or type(tool) is not str or (workflow_id, tool) not in _storable_names:
+            _check_name(workflow_id, "workflow id")
+            _check_name(tool, "tool name")
+            _storable_names.add((workflow_id, tool))
         normalised = _keys.normalise(dict(args), "args")
         redaction = None
         if options.redact:
@@ -667,6 +704,7 @@ class Ledger:
         workflow_id = current_workflow()
         if workflow_id is None:
             raise NoWorkflow(parsed.name)
+        _check_name(parsed.name, "tool name")  # the model wrote it: refuse what ToolCall would reject raw
         return ToolCall(workflow_id=workflow_id, tool=parsed.name, args=_validated(handler, parsed.name, parsed.args))
 
     # -- the decorator ---------------------------------------------------------------------
@@ -698,8 +736,11 @@ class Ledger:
         where = _caller_namespace()
         if callable(name):
             return self._decorate(name, None, built, where)
-        if name is not None and (not isinstance(name, str) or not name or len(name) > 255):
-            raise ConfigurationError(f"tool name must be a non-empty string of at most 255 characters, not {name!r}")
+        if name is not None and (not isinstance(name, str) or text_problem(name, MAX_NAME) is not None):
+            raise ConfigurationError(
+                f"tool name must be a non-empty string of at most 255 characters, without NUL or lone "
+                f"surrogates, not {name!r}"
+            )
 
         def decorator(fn: Callable[..., R]) -> Tool[R]:
             return self._decorate(fn, name, built, where)
@@ -875,7 +916,9 @@ class Ledger:
         """Approve a pending request, for exactly its payload. The first decision wins.
 
         Raises ``ApprovalRefused`` (audited) when the id is unknown, the request was already decided or
-        expired, or ``by`` is not one of the tool's approvers.
+        expired, or ``by`` is not one of the tool's approvers; ``InvalidArguments`` (nothing written)
+        when the id, ``by`` (at most 255 characters) or ``reason`` (4000) is too long or holds a NUL
+        character or a lone surrogate.
         """
         return self.approvals.approve(approval_id, by=by, reason=reason)
 
@@ -883,16 +926,32 @@ class Ledger:
         """Reject a pending request; calls with its payload then raise ``ApprovalRejected`` with ``reason``."""
         return self.approvals.reject(approval_id, by=by, reason=reason)
 
-    def approvals_app(self, *, slack_signing_secret: str | None = None, webhook_secret: str | None = None) -> Any:
+    def approvals_app(
+        self,
+        *,
+        slack_signing_secret: str | None = None,
+        webhook_secret: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        audit_interval: float = DEFAULT_AUDIT_INTERVAL,
+    ) -> Any:
         """An ASGI app receiving decisions: ``POST /slack/interactions`` and ``POST /webhooks/decisions``.
 
         Mount it in FastAPI or Starlette (``app.mount("/approvals", ledger.approvals_app(...))``) or run
         it with any ASGI server. Each endpoint verifies its signature over the raw body before parsing;
-        an endpoint whose secret is not given answers 404.
+        an endpoint whose secret is not given answers 404. Bodies over ``max_body_bytes`` (256 KiB by
+        default) get 413 before they are read; refusals that need no secret (bad signature, oversized
+        body, replayed webhook id) are audited at most once per ``audit_interval`` seconds per endpoint
+        and status, each row with the ``count`` of refusals it stands for.
         """
         from .approvals._inbound import ApprovalsApp
 
-        return ApprovalsApp(self, slack_signing_secret=slack_signing_secret, webhook_secret=webhook_secret)
+        return ApprovalsApp(
+            self,
+            slack_signing_secret=slack_signing_secret,
+            webhook_secret=webhook_secret,
+            max_body_bytes=max_body_bytes,
+            audit_interval=audit_interval,
+        )
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -1009,6 +1068,8 @@ class Ledger:
 
     def effect(self, key: str) -> EffectRecord | None:
         """The stored effect of ``key`` with its audit events, or None."""
+        if not _findable(key):
+            return None
         self._rt.flush()
         found = self._rt.do(self._rt.store.load_record(key))
         return self._with_events([found])[0] if found is not None else None
@@ -1018,6 +1079,8 @@ class Ledger:
         never ran (approval requests and decisions, refusals)."""
         if (workflow_id is None) == (key is None):
             raise InvalidArguments("events() takes exactly one of workflow_id=... or key=...")
+        if not _findable(workflow_id, key):
+            return []
         self._rt.flush()
         store = self._rt.store
         if workflow_id is not None:
@@ -1040,6 +1103,8 @@ class Ledger:
         limit: int | None = None,
     ) -> list[EffectRecord]:
         """Effects matching every given filter (created in ``[since, until)``), oldest first, with events."""
+        if not _findable(workflow_id, tool):
+            return []
         self._rt.flush()
         for name, when in (("since", since), ("until", until)):
             if when is not None and (not isinstance(when, datetime) or when.tzinfo is None):
@@ -1116,6 +1181,11 @@ class Ledger:
             raise InvalidArguments("resolve takes exactly one of result=..., error=... or retry=True")
         if not isinstance(by, str) or not by:
             raise InvalidArguments("resolve needs by='<who decided>' for the audit trail")
+        check_text(by, "by", MAX_NAME)
+        if reason is not None:
+            check_text(reason, "reason", MAX_REASON, allow_empty=True)
+        if text_problem(key, MAX_NAME) is not None:
+            raise LedgerError(f"no effect with key {printable(key, 100)!r}")
         found = self._rt.do(self._rt.store.load_record(key))
         if found is None:
             raise LedgerError(f"no effect with key {key!r}")

@@ -120,6 +120,18 @@ def slack_click(
     return urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
 
 
+def rendered(block: dict[str, Any]) -> str:
+    """A rich_text block as a reader sees it (bold as *x*, users as <@id>)."""
+    out = []
+    for section in block["elements"]:
+        for e in section["elements"]:
+            if e["type"] == "user":
+                out.append(f"<@{e['user_id']}>")
+            else:
+                out.append(f"*{e['text']}*" if e.get("style", {}).get("bold") else e["text"])
+    return "".join(out)
+
+
 def slack_headers(body: bytes, secret: str = SIGNING_SECRET, at: int | None = None) -> dict[str, str]:
     ts = str(at if at is not None else int(time.time()))
     return {
@@ -164,8 +176,8 @@ def test_slack_request_click_and_update(
     assert posted["channel"] == "C123"
     blocks = posted["blocks"]
     assert blocks[0] == {"type": "header", "text": {"type": "plain_text", "text": "Approval needed: stripe.charge"}}
-    args_text = blocks[2]["text"]["text"]
-    assert json.dumps(CHARGE.args, indent=2, sort_keys=True) in args_text
+    (preformatted,) = [e for e in blocks[2]["elements"] if e["type"] == "rich_text_preformatted"]
+    assert preformatted["elements"][0]["text"] == json.dumps(CHARGE.args, indent=2, sort_keys=True)
     assert blocks[3]["elements"][0]["text"].startswith("payload `v1:")
     buttons = blocks[-1]["elements"]
     assert [(b["action_id"], b["value"]) for b in buttons] == [
@@ -187,7 +199,7 @@ def test_slack_request_click_and_update(
     (updated,) = fake_slack.json_bodies("chat.update")
     assert (updated["channel"], updated["ts"]) == ("C123", "1700000000.000100")
     assert all(b["type"] != "actions" for b in updated["blocks"])
-    assert "*Approved* by <@U123>" in updated["blocks"][-1]["text"]["text"]
+    assert "*Approved* by <@U123>" in rendered(updated["blocks"][-1])
 
     assert ledger.run(CHARGE, handler=charge, **opts) == {"charged": 100}
     assert ledger.run(CHARGE, handler=charge, **opts) == {"charged": 100}
@@ -203,7 +215,7 @@ def test_slack_refusals_are_audited(
             CHARGE, handler=lambda amount, customer: pytest.fail("ran"), requires_approval=True, approvers={"U123"}
         )
     approval_id = info.value.approval_id
-    base = serve(ledger.approvals_app(slack_signing_secret=SIGNING_SECRET))
+    base = serve(ledger.approvals_app(slack_signing_secret=SIGNING_SECRET, audit_interval=0))  # a row each
     url = f"{base}/slack/interactions"
     body = slack_click(approval_id, "U123")
 
@@ -304,7 +316,7 @@ def test_webhook_decisions_are_verified(make_ledger: Callable[..., Ledger], serv
         ledger.run(CHARGE, handler=charge, **opts)
     approval = ledger.approval(info.value.approval_id)
     assert approval is not None
-    base = serve(ledger.approvals_app(webhook_secret=WEBHOOK_SECRET))
+    base = serve(ledger.approvals_app(webhook_secret=WEBHOOK_SECRET, audit_interval=0))  # a row each
     url = f"{base}/webhooks/decisions"
 
     def post(body: str, headers: dict[str, str]) -> httpx.Response:
@@ -370,7 +382,7 @@ def test_reject_in_slack_and_several_channels_keep_their_state(
     while len(fake_slack.json_bodies("chat.update")) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
     updates = fake_slack.json_bodies("chat.update")
-    assert len(updates) == 2 and all("*Rejected* by <@U777>" in u["blocks"][-1]["text"]["text"] for u in updates)
+    assert len(updates) == 2 and all("*Rejected* by <@U777>" in rendered(u["blocks"][-1]) for u in updates)
     rejected = ledger.approval(info.value.approval_id)
     assert rejected is not None and rejected.reason == "rejected in Slack"
 

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .._models import Approval
+from .._text import DEFAULT_AUDIT_INTERVAL, DEFAULT_MAX_BODY_BYTES
 from ..errors import ConfigurationError, SlackError, WebhookDeliveryError
 from ._service import ApprovalService
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from ._webhook import WebhookChannel, signed_headers
 
 __all__ = [
+    "DEFAULT_AUDIT_INTERVAL",
+    "DEFAULT_MAX_BODY_BYTES",
     "ApprovalService",
     "ApprovalsApp",
     "CallbackChannel",

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .._flow import utcnow
 from .._hide import hide
 from .._models import Approval, approval_from_row
+from .._text import MAX_APPROVAL_ID, MAX_NAME, MAX_REASON, check_text, text_problem
 from ..errors import ApprovalRefused, ConfigurationError, InvalidArguments
 
 if TYPE_CHECKING:
@@ -60,12 +61,16 @@ class ApprovalService:
 
     def get(self, approval_id: str) -> Approval | None:
         """One approval request by id, or None."""
+        if text_problem(approval_id, MAX_APPROVAL_ID) is not None:
+            return None  # no stored id is like it (too long, NUL, ...): Postgres would refuse the query
         found = self._rt.do(self._rt.store.approval(approval_id))
         return approval_from_row(found) if found is not None else None
 
     def pending(self, workflow_id: str | None = None, tool: str | None = None) -> list[Approval]:
         """Approval requests still waiting for a decision (oldest first), optionally filtered. A request
         whose key already holds a call with other arguments is left out: it can never be used."""
+        if any(v is not None and text_problem(v, MAX_NAME) is not None for v in (workflow_id, tool)):
+            return []  # a name that could never have been stored matches nothing
         rows = self._rt.do(
             self._rt.store.approvals(status="pending", workflow_id=workflow_id, tool=tool, now=utcnow(), runnable=True)
         )
@@ -77,8 +82,10 @@ class ApprovalService:
         """Approve a pending request, for exactly its payload. The first decision wins.
 
         Raises ``ApprovalRefused`` (audited) when the id is unknown, the request was already decided or
-        expired, or ``by`` is not one of the tool's approvers. ``notify=False`` leaves the channels'
-        ``decided`` hooks to a later ``announce_decision`` (an inbound endpoint answers first).
+        expired, or ``by`` is not one of the tool's approvers; ``InvalidArguments`` (nothing written)
+        when the id (over 40 characters), ``by`` (over 255) or ``reason`` (over 4000) is too long or
+        holds a NUL character or a lone surrogate. ``notify=False`` leaves the channels' ``decided``
+        hooks to a later ``announce_decision`` (an inbound endpoint answers first).
         """
         return self._record_decision(approval_id, "approved", by, reason, notify=notify)
 
@@ -93,6 +100,11 @@ class ApprovalService:
         then the channels' ``decided`` hooks."""
         if not isinstance(by, str) or not by:
             raise InvalidArguments("a decision needs by='<who decided>' for the audit trail")
+        # What Postgres cannot store (NUL, lone surrogates, over-long values) is refused before any write.
+        check_text(approval_id, "approval id", MAX_APPROVAL_ID)
+        check_text(by, "by", MAX_NAME)
+        if reason is not None:
+            check_text(reason, "reason", MAX_REASON, allow_empty=True)
         store = self._rt.store
         found = self._rt.do(store.approval(approval_id))
         now = utcnow()

@@ -53,36 +53,67 @@ def verify_slack(
 
 
 def _escape(text: str) -> str:
+    """Slack's escaping of the three characters its markup gives a meaning (links, mentions)."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _mention(who: str | None) -> str:
+def _literal(text: str, **style: bool) -> dict[str, Any]:
+    """A rich text element shown exactly as given: rich text is never parsed as markup."""
+    element: dict[str, Any] = {"type": "text", "text": text}
+    if style:
+        element["style"] = style
+    return element
+
+
+def _who(who: str | None) -> dict[str, Any]:
     if who and who[:1] in ("U", "W") and who.isalnum():
-        return f"<@{who}>"
-    return _escape(who or "someone")
+        return {"type": "user", "user_id": who}
+    return _literal(who or "someone")
 
 
 def request_blocks(approval: Approval, *, buttons: bool = True) -> list[dict[str, Any]]:
-    """The Block Kit message of a request: tool, workflow, the exact args, hash prefix, buttons."""
+    """The Block Kit message of a request: tool, workflow, the exact args, hash prefix, buttons.
+
+    Everything the model or the caller wrote (tool name, workflow id, arguments) is shown as plain or
+    rich text, never as mrkdwn: an argument holding three backticks or ``*Approved by CFO*`` is shown as
+    written and cannot close the code block or add formatting.
+    """
     args = json.dumps(approval.args, indent=2, sort_keys=True, ensure_ascii=False)
-    shown = _escape(args)
-    note = ""
+    shown = args
+    note: list[dict[str, Any]] = []
     if len(shown) > _ARGS_LIMIT:
         shown = shown[:_ARGS_LIMIT]
-        note = "\n_(arguments truncated here; see `agent-ledger approvals list` for all of them)_"
+        note = [
+            {
+                "type": "context",
+                "elements": [
+                    {
+                        "type": "mrkdwn",
+                        "text": "_(arguments truncated; see `agent-ledger approvals list` for all of them)_",
+                    }
+                ],
+            }
+        ]
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": f"Approval needed: {approval.tool}"[:150]}},
         {
             "type": "section",
             "fields": [
-                {"type": "mrkdwn", "text": f"*Workflow*\n`{_escape(approval.workflow_id)}`"},
+                {"type": "plain_text", "text": f"Workflow: {approval.workflow_id}"},
                 {"type": "mrkdwn", "text": f"*Expires*\n{approval.expires_at.isoformat(timespec='seconds')}"},
             ],
         },
         {
-            "type": "section",
-            "text": {"type": "mrkdwn", "text": f"*Arguments, exactly as they will run*\n```{shown}```{note}"},
+            "type": "rich_text",
+            "elements": [
+                {
+                    "type": "rich_text_section",
+                    "elements": [_literal("Arguments, exactly as they will run", bold=True)],
+                },
+                {"type": "rich_text_preformatted", "elements": [_literal(shown)]},
+            ],
         },
+        *note,
         {
             "type": "context",
             "elements": [
@@ -120,18 +151,19 @@ def request_blocks(approval: Approval, *, buttons: bool = True) -> list[dict[str
 
 
 def decided_blocks(approval: Approval) -> list[dict[str, Any]]:
-    """The message after the decision: the same request without buttons, saying who decided."""
+    """The message after the decision: the same request without buttons, saying who decided.
+
+    The decider and the reason are rich text too: a reason cannot pose as another decision.
+    """
     verb = {ApprovalStatus.APPROVED: "Approved", ApprovalStatus.REJECTED: "Rejected"}.get(
         approval.status, approval.status.value.capitalize()
     )
     when = approval.decided_at.isoformat(timespec="seconds") if approval.decided_at else ""
-    reason = f": {_escape(approval.reason)}" if approval.reason else ""
+    line: list[dict[str, Any]] = [_literal(verb, bold=True), _literal(" by "), _who(approval.decided_by)]
+    line.append(_literal(f" {when}" + (f": {approval.reason}" if approval.reason else "")))
     return [
         *request_blocks(approval, buttons=False),
-        {
-            "type": "section",
-            "text": {"type": "mrkdwn", "text": f"*{verb}* by {_mention(approval.decided_by)} {when}{reason}"},
-        },
+        {"type": "rich_text", "elements": [{"type": "rich_text_section", "elements": line}]},
     ]
 
 
@@ -189,7 +221,7 @@ class SlackChannel:
             "chat.postMessage",
             {
                 "channel": self.channel,
-                "text": f"Approval needed: {approval.tool} in workflow {approval.workflow_id}",
+                "text": _escape(f"Approval needed: {approval.tool} in workflow {approval.workflow_id}"),
                 "blocks": request_blocks(approval),
             },
         )
@@ -205,7 +237,7 @@ class SlackChannel:
             {
                 "channel": state["channel"],
                 "ts": state["ts"],
-                "text": f"{approval.tool}: {verb} by {approval.decided_by}",
+                "text": _escape(f"{approval.tool}: {verb} by {approval.decided_by}"),
                 "blocks": decided_blocks(approval),
             },
         )
