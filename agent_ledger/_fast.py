@@ -11,6 +11,7 @@ looks the key up and claims it on the same pooled connection, in one unit of wor
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sqlite3
@@ -27,7 +28,16 @@ from ._schema import UTCDateTime
 from ._store import Store, Work
 from .errors import InvalidArguments
 
-__all__ = ["HOP", "AsyncPool", "Hot", "SyncPool", "install_idle_ping"]
+__all__ = [
+    "DEFAULT_POOL_LIMIT",
+    "DEFAULT_POOL_TIMEOUT",
+    "HOP",
+    "AsyncPool",
+    "Hot",
+    "PoolTimeout",
+    "SyncPool",
+    "install_idle_ping",
+]
 
 log = logging.getLogger("agent_ledger")
 
@@ -157,23 +167,81 @@ def _is_disconnect(dialect: str, e: BaseException) -> bool:
     return False
 
 
+DEFAULT_POOL_LIMIT = 15
+"""Connections a hot-path pool may hold by default: SQLAlchemy's ``pool_size`` 5 + ``max_overflow`` 10."""
+
+DEFAULT_POOL_TIMEOUT = 30.0
+"""Seconds a call waits for a free connection by default (SQLAlchemy's ``pool_timeout``)."""
+
+
+class PoolTimeout(exc.TimeoutError):
+    """No connection of a bounded hot-path pool came free within its timeout."""
+
+    code = None  # no link to SQLAlchemy's error pages: the message says it all
+
+
+def _pool_timeout(limit: int | None, timeout: float) -> PoolTimeout:
+    return PoolTimeout(
+        f"no free connection within pool_timeout={timeout:g} s: all {limit} connections of the ledger's pool are "
+        f"in use (raise engine_options pool_size / max_overflow / pool_timeout, or make fewer calls at once)"
+    )
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back a failed SQLite transaction, if SQLite has not already done so: on a full disk, an I/O
+    error or a lost lock it ends the transaction itself, and a second ``ROLLBACK`` would fail with
+    "cannot rollback - no transaction is active", hiding the real error."""
+    if not conn.in_transaction:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:  # the original error is the one to report; the pool drops this connection
+        log.debug("rolling back a failed SQLite transaction failed", exc_info=True)
+
+
+def _in_transaction(conn: Any) -> bool:
+    """Whether a SQLite connection was left inside a transaction (then it is not reused)."""
+    return isinstance(conn, sqlite3.Connection) and conn.in_transaction
+
+
 class SyncPool:
     """Driver connections for the sync hot path: a plain stack under a lock (acquire/release cost about a
-    microsecond, where a full pool checkout costs several), pinging a connection only after it sat idle."""
+    microsecond, where a full pool checkout costs several), pinging a connection only after it sat idle.
+
+    At most ``limit`` connections are open at once (in use or idle; ``None``: no limit); a caller that
+    finds them all in use waits up to ``timeout`` seconds for one, then gets ``PoolTimeout``.
+    """
 
     def __init__(
-        self, dialect: str, target: str, max_idle: int = 10, busy_timeout: float = 30.0, context: Any = None
+        self,
+        dialect: str,
+        target: str,
+        limit: int | None = DEFAULT_POOL_LIMIT,
+        timeout: float = DEFAULT_POOL_TIMEOUT,
+        busy_timeout: float = 30.0,
+        context: Any = None,
+        uri: bool = False,
+        readonly: bool = False,
     ) -> None:
         self.dialect = dialect
         self.target = target
-        self.max_idle = max_idle
+        self.limit = limit
+        self.timeout = timeout
+        self.max_idle = limit if limit is not None else 10
         self.busy_timeout = busy_timeout
         """Seconds a SQLite statement waits for a lock before failing (0 for the event loop's reads)."""
         self.context = context
         """Postgres: the SQLAlchemy dialect's psycopg adapters (so JSON is loaded and dumped exactly as
         the engine's connections do it, custom ``json_serializer``/``json_deserializer`` included)."""
+        self.uri = uri
+        """SQLite: ``target`` is a ``file:`` URI carrying the URL's options (``mode=ro``, ...)."""
+        self.readonly = readonly
         self._idle: list[tuple[Any, float]] = []
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
+        self._waiting = 0
+        self.in_use = 0
+        """Connections handed out (or being opened) and not yet released."""
         self.errors = _driver_errors(dialect)
 
     def is_disconnect(self, e: BaseException) -> bool:
@@ -185,35 +253,69 @@ class SyncPool:
             import psycopg
 
             return psycopg.connect(self.target, autocommit=True, context=self.context)
-        conn = sqlite3.connect(self.target, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
-        for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL"):
+        conn = sqlite3.connect(
+            self.target, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False, uri=self.uri
+        )
+        # A read-only connection keeps the file's journal mode (changing it would be a write).
+        for pragma in (
+            ("PRAGMA synchronous=FULL",) if self.readonly else ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL")
+        ):
             conn.execute(pragma)
         return conn
 
     def acquire(self) -> Any:
-        """An idle connection (pinged if it sat idle long), or a new one."""
+        """An idle connection (pinged if it sat idle long), or a new one; waits while the pool is full."""
+        deadline = None
         while True:
             with self._lock:
-                if not self._idle:
+                if self.limit is None or self.in_use < self.limit:
+                    self.in_use += 1
+                    taken = self._idle.pop() if self._idle else None
                     break
-                conn, since = self._idle.pop()
-            if time.monotonic() - since < IDLE_PING_AFTER:
-                return conn
-            try:
-                conn.execute("SELECT 1").fetchone()
-                return conn
-            except Exception:
-                self._close(conn)
-        return self._connect()
+                if deadline is None:
+                    deadline = time.monotonic() + self.timeout
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _pool_timeout(self.limit, self.timeout)
+                self._waiting += 1
+                try:
+                    self._freed.wait(remaining)
+                finally:
+                    self._waiting -= 1
+        try:
+            while taken is not None:
+                conn, since = taken
+                if time.monotonic() - since < IDLE_PING_AFTER:
+                    return conn
+                try:
+                    conn.execute("SELECT 1").fetchone()
+                    return conn
+                except Exception:
+                    self._close(conn)
+                with self._lock:
+                    taken = self._idle.pop() if self._idle else None
+            return self._connect()
+        except BaseException:
+            self._give_back()
+            raise
+
+    def _give_back(self) -> None:
+        with self._lock:
+            self.in_use -= 1
+            if self._waiting:
+                self._freed.notify()
 
     def release(self, conn: Any, healthy: bool) -> None:
         """Return a connection (or drop it if it failed or the pool is full)."""
-        if healthy:
-            with self._lock:
-                if len(self._idle) < self.max_idle:
-                    self._idle.append((conn, time.monotonic()))
-                    return
-        self._close(conn)
+        with self._lock:
+            self.in_use -= 1
+            if healthy and len(self._idle) < self.max_idle:
+                self._idle.append((conn, time.monotonic()))
+                conn = None
+            if self._waiting:
+                self._freed.notify()
+        if conn is not None:
+            self._close(conn)
 
     @staticmethod
     def _close(conn: Any) -> None:
@@ -235,17 +337,30 @@ class AsyncPool:
     loops). (Async SQLite runs the sync hot path in a worker thread: SQLite has no async I/O.)
 
     SQLAlchemy's async pool costs a greenlet hop per checkout; the hot path only needs a connection in
-    autocommit mode, so it keeps its own few, pinging one only after it sat idle.
+    autocommit mode, so it keeps its own few, pinging one only after it sat idle. At most ``limit``
+    connections are open at once (``None``: no limit); a call that finds them all in use waits up to
+    ``timeout`` seconds for one (in arrival order), then gets ``PoolTimeout``.
     """
 
-    def __init__(self, target: str, max_idle: int = 10, context: Any = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        limit: int | None = DEFAULT_POOL_LIMIT,
+        timeout: float = DEFAULT_POOL_TIMEOUT,
+        context: Any = None,
+    ) -> None:
         import psycopg
 
         self.target = target
-        self.max_idle = max_idle
+        self.limit = limit
+        self.timeout = timeout
+        self.max_idle = limit if limit is not None else 10
         self.context = context
         """The SQLAlchemy dialect's psycopg adapters, as for ``SyncPool``."""
         self._idle: list[tuple[Any, float]] = []
+        # One permit per connection handed out (or being opened): a connection is opened only when none
+        # is idle, so in use + idle never exceeds the limit.
+        self._permits = asyncio.Semaphore(limit) if limit is not None else None
         self.errors: tuple[type[Exception], ...] = (psycopg.Error,)
 
     def is_disconnect(self, e: BaseException) -> bool:
@@ -258,24 +373,42 @@ class AsyncPool:
         return await psycopg.AsyncConnection.connect(self.target, autocommit=True, context=self.context)
 
     async def acquire(self) -> Any:
-        """An idle connection (pinged if it sat idle long), or a new one."""
-        while self._idle:
-            conn, since = self._idle.pop()
-            if time.monotonic() - since < IDLE_PING_AFTER:
-                return conn
-            try:
-                await conn.execute("SELECT 1")
-                return conn
-            except Exception:
-                await self._close(conn)
-        return await self._connect()
+        """An idle connection (pinged if it sat idle long), or a new one; waits while the pool is full."""
+        permits = self._permits
+        if permits is not None:
+            if permits.locked():
+                try:
+                    await asyncio.wait_for(permits.acquire(), self.timeout)
+                except asyncio.TimeoutError:
+                    raise _pool_timeout(self.limit, self.timeout) from None
+            else:
+                await permits.acquire()  # a free permit: taken without suspending
+        try:
+            while self._idle:
+                conn, since = self._idle.pop()
+                if time.monotonic() - since < IDLE_PING_AFTER:
+                    return conn
+                try:
+                    await conn.execute("SELECT 1")
+                    return conn
+                except Exception:
+                    await self._close(conn)
+            return await self._connect()
+        except BaseException:
+            if permits is not None:
+                permits.release()
+            raise
 
     async def release(self, conn: Any, healthy: bool) -> None:
         """Return a connection (or drop it if it failed or the pool is full)."""
         if healthy and len(self._idle) < self.max_idle:
             self._idle.append((conn, time.monotonic()))
-        else:
-            await self._close(conn)
+            if self._permits is not None:
+                self._permits.release()
+            return
+        if self._permits is not None:
+            self._permits.release()
+        await self._close(conn)
 
     @staticmethod
     async def _close(conn: Any) -> None:
@@ -378,14 +511,17 @@ class Hot:
 
     def run(self, pool: SyncPool, work: Work) -> Any:
         """Run a hot unit of work on a pooled driver connection."""
-        conn = pool.acquire()
+        try:
+            conn = pool.acquire()
+        except pool.errors as e:  # a failed (re)connect: mapped like any other driver error
+            raise exc.DBAPIError.instance(None, None, e, pool.errors[0]) from e
         healthy = False
         try:
             out = self._pg(conn, work) if self.pg else self._sqlite(conn, work)
             healthy = True
             return out
         except pool.errors as e:
-            healthy = not pool.is_disconnect(e)
+            healthy = not pool.is_disconnect(e) and not _in_transaction(conn)
             raise exc.DBAPIError.instance(None, None, e, pool.errors[0]) from e
         finally:
             pool.release(conn, healthy)
@@ -457,7 +593,7 @@ class Hot:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
             self.saw(new=won is not None)
             if won is not None:
@@ -482,7 +618,7 @@ class Hot:
             conn.execute("COMMIT")
             return out
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
 
     def read_inline(self, pool: SyncPool, work: Work) -> Any:
@@ -518,7 +654,10 @@ class Hot:
 
     async def arun(self, pool: AsyncPool, work: Work) -> Any:
         """Run a hot unit of work on a pooled async driver connection (one pool per event loop)."""
-        conn = await pool.acquire()
+        try:
+            conn = await pool.acquire()
+        except pool.errors as e:  # a failed (re)connect: mapped like any other driver error
+            raise exc.DBAPIError.instance(None, None, e, pool.errors[0]) from e
         healthy = False
         try:
             out = await self._apg(conn, work)

@@ -21,9 +21,10 @@ import weakref
 from collections.abc import Generator, Iterator, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event, exc, select
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ._fast import HOP, AsyncPool, Hot, SyncPool, install_idle_ping
@@ -79,6 +80,7 @@ def normalise_url(url: str) -> tuple[str, str, str]:
                 f"processes would each see a different, empty database. Use a file, e.g. "
                 f"sqlite:///agent_ledger.db (or a tmp_path in tests)."
             )
+        u = _sqlite_url(u)
         return (
             "sqlite",
             u.set(drivername="sqlite+pysqlite").render_as_string(hide_password=False),
@@ -89,15 +91,92 @@ def normalise_url(url: str) -> tuple[str, str, str]:
     )
 
 
-def _sqlite_events(sync_engine: Engine) -> None:
+_SQLITE_URI_OPTIONS = frozenset({"mode", "cache", "immutable", "nolock", "vfs", "psow"})
+"""Options of a ``sqlite:///file?...`` URL that SQLite itself reads (its URI filename parameters)."""
+
+
+def _sqlite_url(u: URL) -> URL:
+    """A SQLite URL whose query options every connection of the ledger honours, or ConfigurationError.
+
+    ``timeout`` (seconds a write waits for the lock) and SQLite's URI parameters (``mode=ro``,
+    ``immutable=1``, ``cache``, ...) are honoured by the SQLAlchemy engines and the hot path alike: the
+    URL becomes SQLAlchemy's ``file:...?...&uri=true`` form. Other options are refused: the ledger sets
+    the driver's own (isolation level, threads, type detection) itself.
+    """
+    query = dict(u.query)
+    unknown = sorted(set(query) - _SQLITE_URI_OPTIONS - {"timeout", "uri"})
+    if unknown:
+        raise ConfigurationError(
+            f"SQLite URL option(s) {', '.join(unknown)} are not supported: a sqlite:/// URL may carry timeout "
+            f"(seconds to wait for the write lock) and SQLite's URI options ({', '.join(sorted(_SQLITE_URI_OPTIONS))})"
+        )
+    if "timeout" in query:
+        try:
+            if float(str(query["timeout"])) < 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigurationError(
+                "SQLite URL option timeout must be a number of seconds (e.g. timeout=30)"
+            ) from None
+    database = str(u.database)
+    if database.startswith("file:") and database[5:].partition("?")[0] in ("", ":memory:"):
+        raise ConfigurationError("an in-memory SQLite database cannot be shared: use a file (sqlite:///ledger.db)")
+    if not (set(query) & _SQLITE_URI_OPTIONS) and not database.startswith("file:"):
+        return u.difference_update_query(["uri"])  # a plain file name
+    if not database.startswith("file:"):
+        database = "file:" + quote(database, safe="/:")  # '?', '#' and '%' are special in a SQLite URI
+    return u.set(database=database).update_query_dict({"uri": "true"})
+
+
+def _sqlite_target(sync_url: str) -> tuple[str, bool, bool, float | None]:
+    """What the ledger's own sqlite3 connections open for a normalised URL: (file name or ``file:``
+    URI, whether it is a URI, whether it is read-only, the URL's ``timeout``)."""
+    u = make_url(sync_url)
+    timeout = float(str(u.query["timeout"])) if "timeout" in u.query else None
+    options = {k: str(v) for k, v in u.query.items() if k in _SQLITE_URI_OPTIONS}
+    readonly = options.get("mode") == "ro" or options.get("immutable", "0").lower() in ("1", "true", "yes", "on")
+    if u.query.get("uri") != "true":
+        return str(u.database), False, readonly, timeout
+    target = str(u.database)
+    if options:
+        target += ("&" if "?" in target else "?") + "&".join(
+            f"{k}={quote(v, safe='')}" for k, v in sorted(options.items())
+        )
+    return target, True, readonly, timeout
+
+
+def _pool_bounds(options: Mapping[str, Any]) -> tuple[int | None, float]:
+    """The hot-path pools' bound and wait, from SQLAlchemy's ``engine_options`` (the same meaning as for
+    its ``QueuePool``): at most ``pool_size + max_overflow`` connections (defaults 5 + 10; 0 for
+    ``pool_size`` or -1 for ``max_overflow`` mean no limit), waiting ``pool_timeout`` seconds (default 30)
+    for a free one."""
+    size, overflow, timeout = (
+        options.get("pool_size", 5),
+        options.get("max_overflow", 10),
+        options.get("pool_timeout", 30.0),
+    )
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ConfigurationError(f"engine_options pool_size must be a whole number >= 0 (0: no limit), not {size!r}")
+    if isinstance(overflow, bool) or not isinstance(overflow, int) or overflow < -1:
+        raise ConfigurationError(
+            f"engine_options max_overflow must be a whole number >= -1 (-1: no limit), not {overflow!r}"
+        )
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigurationError(f"engine_options pool_timeout must be a number of seconds > 0, not {timeout!r}")
+    limit = None if size == 0 or overflow == -1 else size + overflow
+    return limit, float(timeout)
+
+
+def _sqlite_events(sync_engine: Engine, busy_timeout: float = 30.0, readonly: bool = False) -> None:
     @event.listens_for(sync_engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         # We issue BEGIN ourselves (IMMEDIATE for writes): sqlite3's implicit BEGIN DEFERRED lets two
         # writers both read, then fail with SQLITE_BUSY on upgrade despite busy_timeout.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        if not readonly:  # a read-only connection keeps the file's journal mode (changing it is a write)
+            cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cur.execute("PRAGMA synchronous=FULL")
         cur.close()
 
@@ -190,6 +269,11 @@ class Runtime:
         self.store = Store(tables, self.dialect)
         self.auto_migrate = (self.dialect == "sqlite") if auto_migrate is None else auto_migrate
         self._engine_options = dict(engine_options or {})
+        self._pool_limit, self._pool_timeout = _pool_bounds(self._engine_options)
+        self._busy_timeout, self._readonly = 30.0, False
+        if self.dialect == "sqlite":
+            _, _, self._readonly, timeout = _sqlite_target(self.sync_url)
+            self._busy_timeout = 30.0 if timeout is None else timeout
         self._engine: Engine | None = None
         self._hot: Hot | None = None
         self._spool: SyncPool | None = None
@@ -210,7 +294,7 @@ class Runtime:
     def _options(self, *, is_async: bool) -> dict[str, Any]:
         opts: dict[str, Any] = {}
         if self.dialect == "sqlite":
-            opts["connect_args"] = {"timeout": 30}
+            opts["connect_args"] = {"timeout": self._busy_timeout}
             if not is_async:
                 opts["connect_args"]["check_same_thread"] = False
         opts.update(self._engine_options)
@@ -224,7 +308,7 @@ class Runtime:
                 if self._engine is None:
                     eng = create_engine(self.sync_url, **self._options(is_async=False))
                     if self.dialect == "sqlite":
-                        _sqlite_events(eng)
+                        _sqlite_events(eng, self._busy_timeout, self._readonly)
                     else:
                         install_idle_ping(eng)
                     self._hot = Hot(self.store, eng.dialect)
@@ -243,7 +327,20 @@ class Runtime:
         url = make_url(self.sync_url)
         if self.dialect == "postgresql":
             return url.set(drivername="postgresql").render_as_string(hide_password=False)
-        return str(url.database)
+        return _sqlite_target(self.sync_url)[0]
+
+    def _sync_pool(self, busy_timeout: float, limit: int | None) -> SyncPool:
+        uri = self.dialect == "sqlite" and _sqlite_target(self.sync_url)[1]
+        return SyncPool(
+            self.dialect,
+            self._driver_target(),
+            limit=limit,
+            timeout=self._pool_timeout,
+            busy_timeout=busy_timeout,
+            context=self._adapters() if self.dialect == "postgresql" else None,
+            uri=uri,
+            readonly=self._readonly,
+        )
 
     def _sqlite_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
@@ -256,7 +353,7 @@ class Runtime:
         if self._spool is None:
             with self._lock:
                 if self._spool is None:
-                    self._spool = SyncPool(self.dialect, self._driver_target(), context=self._adapters())
+                    self._spool = self._sync_pool(self._busy_timeout, self._pool_limit)
         return self._spool
 
     def _adapters(self) -> Any:
@@ -268,14 +365,18 @@ class Runtime:
         if self._rpool is None:
             with self._lock:
                 if self._rpool is None:
-                    self._rpool = SyncPool(self.dialect, self._driver_target(), busy_timeout=0.0)
+                    # Unbounded: used only on event loop threads, one connection at a time per thread,
+                    # and a lookup on the loop must never wait for a connection.
+                    self._rpool = self._sync_pool(0.0, None)
         return self._rpool
 
     def _apool(self) -> AsyncPool:
         loop = asyncio.get_running_loop()
         pool = self._apools.get(loop)
         if pool is None:
-            pool = self._apools[loop] = AsyncPool(self._driver_target(), context=self._adapters())
+            pool = self._apools[loop] = AsyncPool(
+                self._driver_target(), limit=self._pool_limit, timeout=self._pool_timeout, context=self._adapters()
+            )
         return pool
 
     @property
@@ -286,7 +387,7 @@ class Runtime:
         if eng is None:
             eng = create_async_engine(self.async_url, **self._options(is_async=True))
             if self.dialect == "sqlite":
-                _sqlite_events(eng.sync_engine)
+                _sqlite_events(eng.sync_engine, self._busy_timeout, self._readonly)
             else:
                 install_idle_ping(eng.sync_engine)
             self._aengines[loop] = eng
@@ -685,57 +786,105 @@ class _ReplayBuffer:
     bounds memory: on SQLite every commit from another connection empties the readers' page caches, so
     flushing every few hundred replays made each replay of a busy reader measurably slower than one
     write every ``interval``.
+
+    A write that fails (the database is down, locked or full) keeps its records, counted per key, and the
+    thread tries again with a growing pause (``interval`` doubled up to ``max_backoff``); a new replay, which
+    proves the database answers again, cuts the pause short (never below ``interval``). Memory stays
+    bounded through a long outage: at most ``5 * limit`` records queued and ``5 * limit`` keys kept; replays
+    beyond that are dropped and counted in a warning.
     """
 
-    def __init__(self, rt: Runtime, interval: float = 0.5, limit: int = 10_000) -> None:
+    def __init__(self, rt: Runtime, interval: float = 0.5, limit: int = 10_000, max_backoff: float = 5.0) -> None:
         self._rt = rt
         self._interval = interval
         self._limit = limit
+        self._max_backoff = max_backoff
+        self._max_queued = 5 * limit
         self._items: list[Mapping[str, Any]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._writing = threading.Lock()  # one write at a time; guards the fields below
+        self._pending: dict[str, dict[str, Any]] = {}  # per key: the record not written yet, with its count
+        self._dropped = 0
+        self._failing = False
 
     def add(self, row: Mapping[str, Any]) -> None:
         with self._lock:
+            if len(self._items) >= self._max_queued:  # writes have been failing for long: bound memory
+                self._dropped += 1
+                return
             self._items.append(row)
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._loop, name="agent-ledger-replays", daemon=True)
                 self._thread.start()
-            if len(self._items) >= self._limit:
+            if self._failing or len(self._items) >= self._limit:
                 self._wake.set()
 
     def flush(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        if not items:
-            return
-        # One audit row per key and flush, counting its replays: a key replayed in a tight retry loop
-        # costs one row, not one per retry.
-        rows: dict[str, dict[str, Any]] = {}
-        for item in items:
-            row = rows.get(item["key"])
-            if row is None:
-                rows[item["key"]] = {**item, "detail": {**(item["detail"] or {}), "count": 1}}
-            else:
-                row["detail"]["count"] += 1
-                row["at"] = item["at"]
-        try:
-            self._rt.do(self._rt.store.events(list(rows.values())))
-        except StorageError as e:
-            log.warning("could not record %d replays: %s", len(items), e)
+        """Write every buffered record now (on failure they stay buffered for the thread's next try)."""
+        self._write()
+
+    def _write(self) -> bool:
+        with self._writing:
+            with self._lock:
+                items, self._items = self._items, []
+            # One audit row per key and flush, counting its replays: a key replayed in a tight retry loop
+            # costs one row, not one per retry.
+            rows = self._pending
+            for item in items:
+                row = rows.get(item["key"])
+                if row is not None:
+                    row["detail"]["count"] += 1
+                    row["at"] = item["at"]
+                elif len(rows) < self._max_queued:
+                    rows[item["key"]] = {**item, "detail": {**(item["detail"] or {}), "count": 1}}
+                else:
+                    self._dropped += 1
+            if not rows:
+                return True
+            try:
+                self._rt.do(self._rt.store.events(list(rows.values())))
+            except Exception as e:  # StorageError, or anything else: the thread must survive it
+                replays = sum(r["detail"]["count"] for r in rows.values())
+                if not self._failing:
+                    log.warning("could not record %d replays (will retry): %s", replays, e)
+                self._failing = True
+                return False
+            if self._failing:
+                log.warning("recorded %d replays held back by a database failure", len(rows))
+            self._pending = {}
+            self._failing = False
+            dropped, self._dropped = self._dropped, 0
+            if dropped:
+                log.warning("dropped %d replay records during a long database failure (memory bound)", dropped)
+            return True
 
     def close(self) -> None:
         self._closed = True
+        self._stop.set()
         self._wake.set()
-        self.flush()
+        if not self._write():
+            lost = sum(r["detail"]["count"] for r in self._pending.values())
+            log.warning("closing with %d replay records not written (the database is failing)", lost)
 
     def _loop(self) -> None:
+        pause = backoff = self._interval
         while not self._closed:
-            self._wake.wait(self._interval)
+            self._wake.wait(pause)
             self._wake.clear()
-            self.flush()
+            if self._closed:
+                return
+            if self._write():
+                pause = backoff = self._interval
+                continue
+            # Back off, but never retry sooner than ``interval``; a replay (add) cuts the rest short.
+            backoff = min(backoff * 2, self._max_backoff)
+            if self._stop.wait(self._interval):
+                return
+            pause = backoff - self._interval
 
 
 _live: weakref.WeakSet[Runtime] = weakref.WeakSet()
