@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Generator, Iterator, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from sqlalchemy import Connection, Engine, create_engine, event, exc, select
 from sqlalchemy.engine import URL, make_url
@@ -38,7 +38,7 @@ from .errors import ConfigurationError, SchemaMissing, StorageError
 if TYPE_CHECKING:
     from .approvals._service import ApprovalService
 
-__all__ = ["Runtime", "normalise_url"]
+__all__ = ["Runtime", "normalise_url", "sqlite_file"]
 
 log = logging.getLogger("agent_ledger")
 
@@ -126,6 +126,14 @@ def _sqlite_url(u: URL) -> URL:
     if not database.startswith("file:"):
         database = "file:" + quote(database, safe="/:")  # '?', '#' and '%' are special in a SQLite URI
     return u.set(database=database).update_query_dict({"uri": "true"})
+
+
+def sqlite_file(sync_url: str) -> str:
+    """The file name of a normalised SQLite URL (without the ``file:`` URI form and its options)."""
+    database = str(make_url(sync_url).database)
+    if not database.startswith("file:"):
+        return database
+    return unquote(database[5:].partition("?")[0])
 
 
 def _sqlite_target(sync_url: str) -> tuple[str, bool, bool, float | None]:

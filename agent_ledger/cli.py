@@ -50,9 +50,9 @@ def _ledger(ns: argparse.Namespace, *, create: bool = False) -> Ledger:
     file into an empty ledger and report nothing)."""
     ledger = Ledger(ns.url, table_prefix=ns.table_prefix, schema=ns.schema, auto_migrate=False)
     if not create and ledger._rt.dialect == "sqlite":
-        from sqlalchemy.engine import make_url
+        from ._runtime import sqlite_file
 
-        path = make_url(ledger._rt.sync_url).database
+        path = sqlite_file(ledger._rt.sync_url)
         if path and not os.path.exists(path):
             raise ConfigurationError(f"no ledger database at {path} (check --url / $AGENT_LEDGER_URL)")
         if path and ns.schema is None:

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from agent_ledger import ConfigurationError, Ledger, StorageError, ToolCall
+from agent_ledger import ConfigurationError, Ledger, StorageError, ToolCall, cli
 
 PASSWORD = "s3cret-pw-xyz"  # the test servers trust every local connection, so any password is accepted
 
@@ -444,8 +444,9 @@ def test_sqlite_disk_full_reports_the_real_cause(tmp_path: Path) -> None:
 # -- 5. SQLite URL options --------------------------------------------------------------------------
 
 
-def test_sqlite_read_only_url_refuses_writes(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.db"
+def test_sqlite_read_only_url_refuses_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a dir").mkdir()
+    path = tmp_path / "a dir" / "ledger.db"  # a space: the file: URI form quotes it
     rw = Ledger(f"sqlite:///{path}")
     assert rw.run(_call(1), handler=lambda i: i) == 1
     rw.close()
@@ -465,6 +466,8 @@ def test_sqlite_read_only_url_refuses_writes(tmp_path: Path) -> None:
         assert [r.args["i"] for r in ro.history("w")] == [1]
     finally:
         ro.close()
+    assert cli.main(["history", "w", "--url", f"sqlite:///{path}?mode=ro"]) in (0, None)  # reading works
+    assert "succeeded" in capsys.readouterr().out
     check = Ledger(f"sqlite:///{path}")
     try:
         assert [r.args["i"] for r in check.history("w")] == [1]  # nothing of call 2 was written
