@@ -34,7 +34,6 @@ __all__ = [
     "HOP",
     "AsyncPool",
     "Hot",
-    "PoolTimeout",
     "SyncPool",
     "install_idle_ping",
 ]
@@ -174,14 +173,14 @@ DEFAULT_POOL_TIMEOUT = 30.0
 """Seconds a call waits for a free connection by default (SQLAlchemy's ``pool_timeout``)."""
 
 
-class PoolTimeout(exc.TimeoutError):
+class _PoolTimeout(exc.TimeoutError):
     """No connection of a bounded hot-path pool came free within its timeout."""
 
     code = None  # no link to SQLAlchemy's error pages: the message says it all
 
 
-def _pool_timeout(limit: int | None, timeout: float) -> PoolTimeout:
-    return PoolTimeout(
+def _pool_timeout(limit: int | None, timeout: float) -> _PoolTimeout:
+    return _PoolTimeout(
         f"no free connection within pool_timeout={timeout:g} s: all {limit} connections of the ledger's pool are "
         f"in use (raise engine_options pool_size / max_overflow / pool_timeout, or make fewer calls at once)"
     )
@@ -209,7 +208,7 @@ class SyncPool:
     microsecond, where a full pool checkout costs several), pinging a connection only after it sat idle.
 
     At most ``limit`` connections are open at once (in use or idle; ``None``: no limit); a caller that
-    finds them all in use waits up to ``timeout`` seconds for one, then gets ``PoolTimeout``.
+    finds them all in use waits up to ``timeout`` seconds for one, then gets ``_PoolTimeout``.
     """
 
     def __init__(
@@ -339,7 +338,7 @@ class AsyncPool:
     SQLAlchemy's async pool costs a greenlet hop per checkout; the hot path only needs a connection in
     autocommit mode, so it keeps its own few, pinging one only after it sat idle. At most ``limit``
     connections are open at once (``None``: no limit); a call that finds them all in use waits up to
-    ``timeout`` seconds for one (in arrival order), then gets ``PoolTimeout``.
+    ``timeout`` seconds for one (in arrival order), then gets ``_PoolTimeout``.
     """
 
     def __init__(
