@@ -1,6 +1,9 @@
 """The hot path: the statements every call runs, prebuilt once and executed on pooled driver connections.
 
-SQLAlchemy compiles each hot statement of ``_store`` once (so the SQL still comes from the Core tables);
+It is the fast implementation of the typed hot operations of ``_store`` (``Lookup``, ``ClaimNew``,
+``ClaimOrLoad``, ``Finish``, ``AppendEvents``); their reference implementation is ``Work.steps`` run
+through SQLAlchemy Core, and tests/test_hot_contract.py checks that both give the same rows and answers.
+SQLAlchemy compiles each statement of ``Store.hot`` once (so the SQL still comes from the Core tables);
 this module runs the SQL strings directly on its own small pools of driver connections, applying the
 dialect's bind and result processors (on SQLite, C-backed equivalents for datetimes and JSON, tested to
 produce the same text), so values are stored exactly as the Core path stores them.
@@ -25,7 +28,7 @@ from typing import Any
 from sqlalchemy import JSON, Dialect, Engine, event, exc
 
 from ._schema import UTCDateTime
-from ._store import Store, Work
+from ._store import LOOKUP_COLUMNS, AppendEvents, ClaimNew, ClaimOrLoad, Finish, Lookup, Store, Work
 from .errors import InvalidArguments
 
 __all__ = [
@@ -430,32 +433,19 @@ class Hot:
         self.dialect = dialect
         self._new_rate = 0.0  # start by expecting replays: a retry from a fresh process is mostly replays
         self.pg = dialect.name == "postgresql"
-        e, ev = store.tables.effects, store.tables.events
-        self.load = _compile(store._load, dialect)
-        self.claim = _compile(store._claim_new, dialect)
-        self.complete = _compile(store._complete, dialect)
-        self.event = _compile(store._event, dialect)
-        self.columns = [c.name for c in e.columns]
-        # Only what the decision core reads is converted (history and audit go through the Core path).
-        decided_on = {"args", "result", "error", "lease_expires_at", "started_at"}
+        statements = store.hot
+        self.load = _compile(statements.lookup, dialect)
+        self.claim = _compile(statements.claim, dialect)
+        self.complete = _compile(statements.complete, dialect)
+        self.event = _compile(statements.event, dialect)
+        audited = statements.complete_audited
+        self.finish = _compile(audited, dialect) if audited is not None else None
+        self.columns = LOOKUP_COLUMNS
         self.results = {
             c.name: proc
-            for c in e.columns
-            if c.name in decided_on and (proc := _result_processor(c.type, dialect)) is not None
+            for c in statements.lookup.selected_columns
+            if (proc := _result_processor(c.type, dialect)) is not None
         }
-        if self.pg:
-            prep = dialect.identifier_preparer
-            events = prep.format_table(ev)
-            event_binds = {f"e_{k[2:]}": v for k, v in self.event.binds.items()}
-            self.finish = _Sql(
-                f"WITH u AS ({self.complete.sql} RETURNING key) "
-                f"INSERT INTO {events} (key, workflow_id, tool, kind, attempt, owner, at, detail) "
-                f"SELECT u.key, %(e_workflow_id)s::VARCHAR, %(e_tool)s::VARCHAR, %(e_kind)s::VARCHAR, "
-                f"%(e_attempt)s::INTEGER, %(e_owner)s::VARCHAR, %(e_at)s::TIMESTAMP WITH TIME ZONE, "
-                f"%(e_detail)s::JSONB FROM u",
-                self.complete.defaults,
-                {**self.complete.binds, **event_binds},
-            )
 
     def expect_new(self) -> bool:
         """Whether the next call is more likely a new key than a replay (recent history of this ledger)."""
@@ -467,15 +457,16 @@ class Hot:
         self._new_rate = 0.9 * self._new_rate + (0.1 if new else 0.0)
 
     def reads_first(self, work: Work) -> bool:
-        """Whether a unit starts with a lock-free lookup: ``load``, or ``claim_or_load`` while this
+        """Whether a unit starts with a lock-free lookup: ``Lookup``, or ``ClaimOrLoad`` while this
         ledger mostly sees replays (then a replay is one index read)."""
-        return work.fast == "load" or (work.fast == "claim_or_load" and not self.expect_new())
+        op = work.fast
+        return isinstance(op, Lookup) or (isinstance(op, ClaimOrLoad) and not self.expect_new())
 
     def looked_up(self, work: Work, found: Any) -> Any:
-        """The answer of that lookup, given the fetched row (or None): for ``load`` the row mapping or
-        None; for ``claim_or_load`` the stored row as not claimed, or ``HOP`` when the key is absent
+        """The answer of that lookup, given the fetched row (or None): for ``Lookup`` the row mapping or
+        None; for ``ClaimOrLoad`` the stored row as not claimed, or ``HOP`` when the key is absent
         and must be claimed next."""
-        if work.fast == "load":
+        if isinstance(work.fast, Lookup):
             return self.row(found) if found is not None else None
         if found is None:
             return HOP
@@ -492,19 +483,12 @@ class Hot:
                 out[name] = proc(v)
         return out
 
-    def row(self, values: tuple[Any, ...], offset: int = 0) -> dict[str, Any]:
-        """A result row of the effects table as the mapping the decision core reads."""
-        out = dict(zip(self.columns, values[offset:], strict=True))
+    def row(self, values: tuple[Any, ...]) -> dict[str, Any]:
+        """A lookup's result row (``LOOKUP_COLUMNS``) as the mapping the decision core reads."""
+        out = dict(zip(self.columns, values, strict=True))
         for name, proc in self.results.items():
             out[name] = proc(out[name])
         return out
-
-    @staticmethod
-    def finish_params(work: Work) -> dict[str, Any]:
-        """One parameter set for the Postgres CTE: the update's, plus the audit row's as ``e_*``."""
-        (_, complete), (_, event) = work.steps
-        assert isinstance(complete, Mapping) and isinstance(event, Mapping)
-        return {**complete, **{f"e_{k[2:]}": v for k, v in event.items()}}
 
     # -- sync -------------------------------------------------------------------------------
 
@@ -528,43 +512,45 @@ class Hot:
     def _pg_steps(self, work: Work) -> Generator[tuple[str, dict[str, Any], bool], Any, Any]:
         """The statements of a hot unit on Postgres, written once for both drivers: each step is
         (sql, params, fetch one row?) and receives the row (or the rowcount)."""
-        kind = work.fast
-        values = work.steps[0][1]
+        op = work.fast
         if self.reads_first(work):
-            # A lookup (for claim_or_load: the ledger mostly sees replays, e.g. an agent resuming, so a
+            # A lookup (for ClaimOrLoad: the ledger mostly sees replays, e.g. an agent resuming, so a
             # replay is one index read; an absent key is then claimed on the same connection. A
             # racing claim that wins in between leaves us None, and the flow looks again).
-            found = yield self.load.sql, self.params(self.load, values), True
+            assert isinstance(op, (Lookup, ClaimOrLoad))
+            found = yield self.load.sql, self.params(self.load, {"p_key": op.key}), True
             answer = self.looked_up(work, found)
             if answer is not HOP:
                 return answer
-            won = yield self.claim.sql, self.params(self.claim, values), True
+            assert isinstance(op, ClaimOrLoad)
+            won = yield self.claim.sql, self.params(self.claim, op.binds()), True
             self.saw(new=True)
             return {"claimed": True} if won is not None else None
-        if kind == "claim_or_load":
+        if isinstance(op, ClaimOrLoad):
             # Most recent calls were new keys: claim first (one round trip for a new call), and read
             # the stored row only if the key turned out to exist.
-            won = yield self.claim.sql, self.params(self.claim, values), True
+            won = yield self.claim.sql, self.params(self.claim, op.binds()), True
             if won is not None:
                 self.saw(new=True)
                 return {"claimed": True}  # the flow needs nothing else of a row it just created
-            found = yield self.load.sql, self.params(self.load, values), True
+            found = yield self.load.sql, self.params(self.load, {"p_key": op.key}), True
             self.saw(new=False)
             return {"claimed": False, **self.row(found)} if found is not None else None
-        if kind == "claim":
-            found = yield self.claim.sql, self.params(self.claim, values), True
+        if isinstance(op, ClaimNew):
+            found = yield self.claim.sql, self.params(self.claim, op.binds()), True
             return {"attempt": found[0]} if found is not None else None
-        if kind == "finish":
-            if len(work.steps) == 1:  # a success: the update alone is the record
-                return (yield self.complete.sql, self.params(self.complete, values), False)
-            return (yield self.finish.sql, self.params(self.finish, self.finish_params(work)), False)
-        raise AssertionError(kind)  # pragma: no cover
+        if isinstance(op, Finish):
+            if not op.audited or self.finish is None:  # a success: the update alone is the record
+                return (yield self.complete.sql, self.params(self.complete, op.binds()), False)
+            return (yield self.finish.sql, self.params(self.finish, op.audited_binds()), False)
+        raise AssertionError(op)  # pragma: no cover
 
     def _pg(self, conn: Any, work: Work) -> Any:
-        if work.fast == "events":  # batched replay records (written by the sync flusher only)
+        op = work.fast
+        if isinstance(op, AppendEvents):  # batched replay records (written by the sync flusher only)
             with conn.cursor() as cur:
-                cur.executemany(self.event.sql, [self.params(self.event, r) for r in work.steps[0][1]])
-            return len(work.steps[0][1])
+                cur.executemany(self.event.sql, [self.params(self.event, r) for r in op.binds()])
+            return len(op.rows)
         steps = self._pg_steps(work)
         got: Any = None
         try:
@@ -576,19 +562,22 @@ class Hot:
             return done.value
 
     def _sqlite(self, conn: Any, work: Work) -> Any:
-        kind = work.fast
-        values = work.steps[0][1]
+        op = work.fast
         if self.reads_first(work):  # a lock-free read first
-            answer = self.looked_up(work, conn.execute(self.load.sql, self.params(self.load, values)).fetchone())
+            assert isinstance(op, (Lookup, ClaimOrLoad))
+            found = conn.execute(self.load.sql, self.params(self.load, {"p_key": op.key})).fetchone()
+            answer = self.looked_up(work, found)
             if answer is not HOP:
                 return answer
-        if kind == "claim_or_load":
+        if isinstance(op, ClaimOrLoad):
             # Claim under the write lock; if the key exists, read it in the same transaction.
             conn.execute("BEGIN IMMEDIATE")
             try:
-                won = conn.execute(self.claim.sql, self.params(self.claim, values)).fetchone()
+                won = conn.execute(self.claim.sql, self.params(self.claim, op.binds())).fetchone()
                 found = (
-                    None if won is not None else conn.execute(self.load.sql, self.params(self.load, values)).fetchone()
+                    None
+                    if won is not None
+                    else conn.execute(self.load.sql, self.params(self.load, {"p_key": op.key})).fetchone()
                 )
                 conn.execute("COMMIT")
             except BaseException:
@@ -600,20 +589,19 @@ class Hot:
             return {"claimed": False, **self.row(found)} if found is not None else None
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if kind == "events":
-                conn.executemany(self.event.sql, [self.params(self.event, r) for r in work.steps[0][1]])
+            if isinstance(op, AppendEvents):
+                conn.executemany(self.event.sql, [self.params(self.event, r) for r in op.binds()])
                 conn.execute("COMMIT")
-                return len(work.steps[0][1])
-            if kind == "claim":
-                found = conn.execute(self.claim.sql, self.params(self.claim, work.steps[0][1])).fetchone()
+                return len(op.rows)
+            if isinstance(op, ClaimNew):
+                found = conn.execute(self.claim.sql, self.params(self.claim, op.binds())).fetchone()
                 out: Any = {"attempt": found[0]} if found is not None else None
-            elif kind == "finish":
-                (_, complete), *audit = work.steps
-                out = conn.execute(self.complete.sql, self.params(self.complete, complete)).rowcount
-                if out and audit:
-                    conn.execute(self.event.sql, self.params(self.event, audit[0][1]))
+            elif isinstance(op, Finish):
+                out = conn.execute(self.complete.sql, self.params(self.complete, op.binds())).rowcount
+                if out and op.audited:
+                    conn.execute(self.event.sql, self.params(self.event, op.audit_binds()))
             else:  # pragma: no cover
-                raise AssertionError(kind)
+                raise AssertionError(op)
             conn.execute("COMMIT")
             return out
         except BaseException:
@@ -634,8 +622,9 @@ class Hot:
         conn = None
         healthy = False
         try:
+            assert isinstance(work.fast, (Lookup, ClaimOrLoad))  # reads_first
             conn = pool.acquire()
-            found = conn.execute(self.load.sql, self.params(self.load, work.steps[0][1])).fetchone()
+            found = conn.execute(self.load.sql, self.params(self.load, {"p_key": work.fast.key})).fetchone()
             healthy = True
         except sqlite3.OperationalError as e:
             if not _is_busy(e):

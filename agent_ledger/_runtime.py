@@ -249,6 +249,11 @@ def _nothing(work: Work) -> Any:
     return None if work.returns == "row" else 0
 
 
+def _not_claimed(found: Any) -> dict[str, Any] | None:
+    """``ClaimOrLoad``'s answer when the claim returned no row: the stored row, or None (look again)."""
+    return None if found is None else {"claimed": False, **found}
+
+
 def _matched(value: Any, returns: str) -> bool:
     if returns == "row":
         return value is not None
@@ -295,6 +300,9 @@ class Runtime:
         self._heartbeats: _Heartbeats | None = None
         self._replays = _ReplayBuffer(self)
         self._closed = False
+        self.use_hot_path = True
+        """False: hot units run their ``Work.steps`` through SQLAlchemy Core, the reference implementation
+        of the typed hot operations (tests/test_hot_contract.py compares the two)."""
         _live.add(self)
 
     # -- engines ---------------------------------------------------------------------------
@@ -477,7 +485,7 @@ class Runtime:
     def do(self, work: Work) -> Any:
         """Run one unit of work on the sync engine, in one transaction."""
         self.ensure_schema()
-        if work.fast is not None:  # the hot path maps errors as _mapped does, without a context manager
+        if work.fast is not None and self.use_hot_path:  # maps errors as _mapped does, without a context manager
             try:
                 return self.hot.run(self._pool(), work)
             except exc.SQLAlchemyError as e:
@@ -508,6 +516,11 @@ class Runtime:
     @staticmethod
     def _steps(conn: Connection, work: Work) -> Any:
         (stmt, params), *rest = work.steps
+        if work.returns == "claim_or_row":  # the claim, or (when the key exists) the lookup after it
+            if conn.execute(stmt, params).first() is not None:
+                return {"claimed": True}
+            (stmt, params), *rest = rest
+            return _not_claimed(conn.execute(stmt, params).mappings().first())
         out = _outcome(conn.execute(stmt, params), work.returns)
         if rest and _matched(out, work.returns):
             for stmt, params in rest:
@@ -518,7 +531,7 @@ class Runtime:
     async def ado(self, work: Work) -> Any:
         """Run one unit of work on the async engine, in one transaction."""
         await self.aensure_schema()
-        if work.fast is not None:
+        if work.fast is not None and self.use_hot_path:
             with _mapped(work.label):
                 if self.dialect == "sqlite":
                     # SQLite has no asynchronous I/O (aiosqlite is a thread too). A lookup runs on the
@@ -544,6 +557,11 @@ class Runtime:
     @staticmethod
     async def _asteps(conn: AsyncConnection, work: Work) -> Any:
         (stmt, params), *rest = work.steps
+        if work.returns == "claim_or_row":  # as in _steps
+            if (await conn.execute(stmt, params)).first() is not None:
+                return {"claimed": True}
+            (stmt, params), *rest = rest
+            return _not_claimed((await conn.execute(stmt, params)).mappings().first())
         out = _outcome(await conn.execute(stmt, params), work.returns)
         if rest and _matched(out, work.returns):
             for stmt, params in rest:

@@ -13,20 +13,205 @@ driver's own connections).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Executable, and_, bindparam, delete, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Executable,
+    Insert,
+    Select,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ._decide import Row, transition
 from ._models import Status
 from ._schema import Tables
 
-__all__ = ["Store", "Work", "row_from_mapping"]
+__all__ = [
+    "LOOKUP_COLUMNS",
+    "AppendEvents",
+    "ClaimNew",
+    "ClaimOrLoad",
+    "Finish",
+    "HotOp",
+    "HotStatements",
+    "Lookup",
+    "Store",
+    "Work",
+    "row_from_mapping",
+]
 
-Returns = Literal["row", "rows", "rowcount", "none"]
+Returns = Literal["row", "rows", "rowcount", "none", "claim_or_row"]
+
+LOOKUP_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Row))
+"""The effect columns a lookup returns: exactly what the decision core's ``Row`` reads."""
+
+
+# -- the hot operations ------------------------------------------------------------------------
+#
+# Each hot unit of work carries one of these typed operations (``Work.fast``). Two implementations run
+# them: the reference, ``Work.steps`` executed through SQLAlchemy Core (``_runtime.Runtime`` with
+# ``use_hot_path`` off), and the prebuilt one in ``_fast.Hot``, which reads only these fields and the
+# statements in ``Store.hot``. tests/test_hot_contract.py runs the same operation sequences through both
+# on both backends and compares every row and every answer. Slotted, not frozen: one is built per call.
+
+
+@dataclass(slots=True)
+class Lookup:
+    """Read the row of ``key``. Answer: a mapping of ``LOOKUP_COLUMNS``, or None when absent."""
+
+    key: str
+
+    def binds(self) -> dict[str, Any]:
+        """Values of ``HotStatements.lookup``, under their bound names."""
+        return {"p_key": self.key}
+
+
+@dataclass(slots=True)
+class ClaimNew:
+    """Insert ``key`` as ``running`` (attempt 1) for ``owner``.
+
+    Answer: ``{"attempt": 1}`` to the one caller that wins; None when the key already exists.
+    """
+
+    key: str
+    workflow_id: str
+    tool: str
+    payload_hash: str
+    args: Any
+    owner: str
+    lease_expires_at: datetime
+    now: datetime
+
+    def binds(self) -> dict[str, Any]:
+        """Values of ``HotStatements.claim``, under their bound names."""
+        return {
+            "p_key": self.key,
+            "p_workflow_id": self.workflow_id,
+            "p_tool": self.tool,
+            "p_payload_hash": self.payload_hash,
+            "p_args": self.args,
+            "p_owner": self.owner,
+            "p_lease_expires_at": self.lease_expires_at,
+            "p_now": self.now,
+        }
+
+
+@dataclass(slots=True)
+class ClaimOrLoad(ClaimNew):
+    """Claim the key as ``ClaimNew`` does when it is absent, or read its stored row.
+
+    Answer: ``{"claimed": True}`` (we won the claim); ``{"claimed": False, **row}`` (the key exists; the
+    row as ``Lookup`` answers it); or None (a concurrent claim won in between: look again).
+    """
+
+
+@dataclass(slots=True)
+class Finish:
+    """Record the outcome of our own attempt, fenced on key, owner, attempt and ``running``.
+
+    With ``audited`` (every outcome but a success, whose effect row is its record) the audit row
+    (kind = the new status, at = ``now``, this ``detail``) is written in the same transaction, and only
+    when the outcome was. Answer: the number of effect rows changed (0: fenced off).
+    """
+
+    key: str
+    workflow_id: str
+    tool: str
+    owner: str
+    attempt: int
+    status: str
+    now: datetime
+    result: Any
+    result_replayable: bool | None
+    result_repr: str | None
+    error: Mapping[str, Any] | None
+    retain_until: datetime | None
+    detail: Mapping[str, Any] | None
+    audited: bool
+    started_at: datetime | None = None
+    """When the handler started (replaces the claim's time); None keeps the claim's."""
+
+    def binds(self) -> dict[str, Any]:
+        """Values of ``HotStatements.complete``, under their bound names."""
+        return {
+            "p_key": self.key,
+            "p_owner": self.owner,
+            "p_attempt": self.attempt,
+            "p_status": self.status,
+            "p_result": self.result,
+            "p_result_replayable": self.result_replayable,
+            "p_result_repr": self.result_repr,
+            "p_error": self.error,
+            "p_now": self.now,
+            "p_retain_until": self.retain_until,
+            "p_started_at": self.started_at,
+        }
+
+    def audit_binds(self) -> dict[str, Any]:
+        """Values of ``HotStatements.event`` for the audit row."""
+        return {
+            "p_key": self.key,
+            "p_workflow_id": self.workflow_id,
+            "p_tool": self.tool,
+            "p_kind": self.status,
+            "p_attempt": self.attempt,
+            "p_owner": self.owner,
+            "p_at": self.now,
+            "p_detail": self.detail,
+        }
+
+    def audited_binds(self) -> dict[str, Any]:
+        """Values of ``HotStatements.complete_audited`` (the update's, plus what the audit row adds)."""
+        out = self.binds()
+        out["p_workflow_id"] = self.workflow_id
+        out["p_tool"] = self.tool
+        out["p_detail"] = self.detail
+        return out
+
+
+@dataclass(slots=True)
+class AppendEvents:
+    """Append audit rows (batched replay records), in one transaction. Answer: how many were written."""
+
+    rows: Sequence[Mapping[str, Any]]
+    """Each with the events columns: key, workflow_id, tool, kind, attempt, owner, at, detail."""
+
+    def binds(self) -> list[dict[str, Any]]:
+        """One value set of ``HotStatements.event`` per row."""
+        return [_p(r) for r in self.rows]
+
+
+HotOp = Lookup | ClaimNew | ClaimOrLoad | Finish | AppendEvents
+"""A typed hot operation (``ClaimOrLoad`` is a ``ClaimNew`` too: dispatch on the exact type)."""
+
+
+@dataclass(frozen=True)
+class HotStatements:
+    """The statements of the hot operations: the public interface a prebuilt implementation compiles."""
+
+    lookup: Select[Any]
+    """``Lookup``: ``LOOKUP_COLUMNS`` of one key."""
+    claim: Insert
+    """``ClaimNew``: insert-if-absent, returning the attempt only to the winner."""
+    complete: Update
+    """``Finish``: the fenced update."""
+    event: Insert
+    """One audit row (``Finish``'s, and each row of ``AppendEvents``)."""
+    complete_audited: Insert | None
+    """Postgres: ``Finish`` with its audit row as one statement (a data-modifying CTE that inserts the
+    audit row only if the update matched); None on SQLite (two statements in one transaction)."""
 
 
 @dataclass(slots=True)
@@ -35,15 +220,17 @@ class Work:
 
     The first statement's outcome is returned (a row mapping, all rows, or the rowcount). The rest run
     only when the first one matched (a row came back or the rowcount was positive): they are the audit
-    rows of a fenced state change, written atomically with it or not at all.
+    rows of a fenced state change, written atomically with it or not at all. ``claim_or_row`` is the
+    other way round (``ClaimOrLoad``): a claim that returns a row answers ``{"claimed": True}``; when it
+    returns none, the second statement (a lookup) runs and its row is answered as not claimed.
     """
 
     steps: tuple[tuple[Executable, Mapping[str, Any] | Sequence[Mapping[str, Any]]], ...]
     returns: Returns = "rowcount"
     write: bool = True
     label: str = field(default="", compare=False)
-    fast: str | None = None
-    """Set on the hot units (``load``, ``claim``, ``claim_or_load``, ``finish``): run by ``_fast.Hot``."""
+    fast: HotOp | None = None
+    """Set on the hot units: the typed operation that ``steps`` implement, run by ``_fast.Hot``."""
     all_or_nothing: bool = False
     """Every later step must change a row too, or the whole transaction rolls back (nothing matched)."""
 
@@ -94,6 +281,7 @@ class Store:
             return bindparam(f"p_{name}", **kw)
 
         self._load = select(e).where(e.c.key == b("key"))
+        self._lookup = select(*(e.c[name] for name in LOOKUP_COLUMNS)).where(e.c.key == b("key"))
 
         ins = postgresql.insert(e) if dialect == "postgresql" else sqlite.insert(e)
         base_claim = ins.values(
@@ -263,11 +451,40 @@ class Store:
         )
         self._events_for_workflow = select(ev).where(ev.c.workflow_id == b("workflow_id")).order_by(ev.c.id)
 
+        complete_audited = None
+        if dialect == "postgresql":
+            # One round trip for an outcome and its audit row: the update runs in a data-modifying CTE
+            # and the audit row is selected from what it returned, so it exists only if the update
+            # matched. Its values are the update's own binds where they coincide (key, owner, attempt,
+            # status as the kind, now as the time).
+            done = self._complete.returning(e.c.key).cte("done")
+            audit = select(
+                done.c.key,
+                b("workflow_id", type_=ev.c.workflow_id.type),
+                b("tool", type_=ev.c.tool.type),
+                b("status", type_=ev.c.kind.type),
+                b("attempt", type_=ev.c.attempt.type),
+                b("owner", type_=ev.c.owner.type),
+                b("now", type_=ev.c.at.type),
+                b("detail", type_=ev.c.detail.type),
+            ).select_from(done)
+            columns = ["key", "workflow_id", "tool", "kind", "attempt", "owner", "at", "detail"]
+            complete_audited = insert(ev).from_select(columns, audit)
+        self.hot = HotStatements(
+            lookup=self._lookup,
+            claim=self._claim_new,
+            complete=self._complete,
+            event=self._event,
+            complete_audited=complete_audited,
+        )
+        """The hot operations' statements (for ``_fast.Hot``; the reference runs them in ``Work.steps``)."""
+
     # -- reads -------------------------------------------------------------------------------
 
     def load(self, key: str) -> Work:
-        """The stored row of ``key`` (or None)."""
-        return Work(((self._load, _p({"key": key})),), returns="row", write=False, label="load", fast="load")
+        """The stored row of ``key`` (or None): the ``LOOKUP_COLUMNS`` the decision core reads."""
+        op = Lookup(key)
+        return Work(((self._lookup, op.binds()),), returns="row", write=False, label="load", fast=op)
 
     def load_record(self, key: str) -> Work:
         """The stored row of ``key`` with every column converted (for audit and admin reads)."""
@@ -523,17 +740,8 @@ class Store:
         now: datetime,
     ) -> Work:
         """Insert the row as ``running`` for ``owner``; returns a row only to the one caller that wins."""
-        params = {  # under their bound names: built on every new call
-            "p_key": key,
-            "p_workflow_id": workflow_id,
-            "p_tool": tool,
-            "p_payload_hash": payload_hash,
-            "p_args": args,
-            "p_owner": owner,
-            "p_lease_expires_at": lease_expires_at,
-            "p_now": now,
-        }
-        return Work(((self._claim_new, params),), returns="row", label="claim", fast="claim")
+        op = ClaimNew(key, workflow_id, tool, payload_hash, args, owner, lease_expires_at, now)
+        return Work(((self._claim_new, op.binds()),), returns="row", label="claim", fast=op)
 
     def claim_or_load(self, **claim: Any) -> Work:
         """Return the stored row of the key, or claim the key as ``claim_new`` would when it is absent
@@ -542,7 +750,9 @@ class Store:
         The result has ``claimed`` (True: we won the claim; False: the stored row follows), or is None
         when a concurrent claim won in between (look again).
         """
-        return Work(self.claim_new(**claim).steps, "row", True, "claim", fast="claim_or_load")
+        op = ClaimOrLoad(**claim)
+        steps = ((self._claim_new, op.binds()), (self._lookup, {"p_key": op.key}))
+        return Work(steps, "claim_or_row", True, "claim", fast=op)
 
     def claim_again(
         self,
@@ -606,25 +816,29 @@ class Store:
         """Record the outcome of our own attempt, fenced on owner and attempt, with its audit row;
         ``started_at`` (when the handler started) replaces the claim's time."""
         status = transition(Status.RUNNING, event)
-        params = {  # under their bound names: built on every call
-            "p_retain_until": retain_until,
-            "p_started_at": started_at,
-            "p_key": key,
-            "p_owner": owner,
-            "p_attempt": attempt,
-            "p_status": status.value,
-            "p_result": result,
-            "p_result_replayable": result_replayable,
-            "p_result_repr": result_repr,
-            "p_error": error,
-            "p_now": now,
-        }
-        if event == "succeed":
-            # The effect row is the execution record of a success (succeeded is terminal, so nothing
-            # overwrites it); history() shows it as a "succeeded" event. One write per call, not two.
-            return Work(((self._complete, params),), label=event, fast="finish")
-        audit = self._event_params(key, workflow_id, tool, status.value, attempt, owner, now, dict(detail or {}))
-        return Work(((self._complete, params), (self._event, _p(audit))), label=event, fast="finish")
+        # The effect row is the execution record of a success (succeeded is terminal, so nothing
+        # overwrites it); history() shows it as a "succeeded" event. One write per call, not two.
+        audited = event != "succeed"
+        op = Finish(
+            key=key,
+            workflow_id=workflow_id,
+            tool=tool,
+            owner=owner,
+            attempt=attempt,
+            status=status.value,
+            now=now,
+            result=result,
+            result_replayable=result_replayable,
+            result_repr=result_repr,
+            error=error,
+            retain_until=retain_until,
+            detail=dict(detail or {}) if audited else None,
+            audited=audited,
+            started_at=started_at,
+        )
+        if not audited:
+            return Work(((self._complete, op.binds()),), label=event, fast=op)
+        return Work(((self._complete, op.binds()), (self._event, op.audit_binds())), label=event, fast=op)
 
     def mark_unknown(self, *, row: Row, now: datetime, by: str, detail: Mapping[str, Any]) -> Work:
         """Record that the observed attempt's outcome is unknown (its owner died or its lease ran out)."""
@@ -702,7 +916,8 @@ class Store:
 
     def events(self, rows: Sequence[Mapping[str, Any]]) -> Work:
         """Append many audit rows at once (batched replay records)."""
-        return Work(((self._event, [_p(r) for r in rows]),), label="events", fast="events")
+        op = AppendEvents(rows)
+        return Work(((self._event, op.binds()),), label="events", fast=op)
 
     @staticmethod
     def _event_params(
