@@ -547,10 +547,10 @@ class Hot:
 
     def _pg(self, conn: Any, work: Work) -> Any:
         op = work.fast
-        if isinstance(op, AppendEvents):  # batched replay records (written by the sync flusher only)
+        if isinstance(op, AppendEvents):  # batched replay records (written by the sync flusher)
             with conn.cursor() as cur:
                 cur.executemany(self.event.sql, [self.params(self.event, r) for r in op.binds()])
-            return len(op.rows)
+            return None
         steps = self._pg_steps(work)
         got: Any = None
         try:
@@ -592,7 +592,7 @@ class Hot:
             if isinstance(op, AppendEvents):
                 conn.executemany(self.event.sql, [self.params(self.event, r) for r in op.binds()])
                 conn.execute("COMMIT")
-                return len(op.rows)
+                return None
             if isinstance(op, ClaimNew):
                 found = conn.execute(self.claim.sql, self.params(self.claim, op.binds())).fetchone()
                 out: Any = {"attempt": found[0]} if found is not None else None
@@ -658,6 +658,11 @@ class Hot:
             await pool.release(conn, healthy)
 
     async def _apg(self, conn: Any, work: Work) -> Any:
+        op = work.fast
+        if isinstance(op, AppendEvents):  # as in _pg (the flusher is sync; this keeps ado complete)
+            async with conn.cursor() as cur:
+                await cur.executemany(self.event.sql, [self.params(self.event, r) for r in op.binds()])
+            return None
         steps = self._pg_steps(work)
         got: Any = None
         try:

@@ -183,7 +183,8 @@ class Finish:
 
 @dataclass(slots=True)
 class AppendEvents:
-    """Append audit rows (batched replay records), in one transaction. Answer: how many were written."""
+    """Append audit rows (batched replay records), in one transaction. Answer: None (drivers do not all
+    report an executemany's row count)."""
 
     rows: Sequence[Mapping[str, Any]]
     """Each with the events columns: key, workflow_id, tool, kind, attempt, owner, at, detail."""
@@ -917,7 +918,7 @@ class Store:
     def events(self, rows: Sequence[Mapping[str, Any]]) -> Work:
         """Append many audit rows at once (batched replay records)."""
         op = AppendEvents(rows)
-        return Work(((self._event, op.binds()),), label="events", fast=op)
+        return Work(((self._event, op.binds()),), "none", label="events", fast=op)
 
     @staticmethod
     def _event_params(
