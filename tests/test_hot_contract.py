@@ -171,7 +171,15 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
 
     # A new key: claim (claim_or_load), succeed; then replays read it (lookup, claim_or_load).
     assert c.run(lambda s: s.claim_or_load(**claim("k1", "A", t))) == {"claimed": True}
-    ok = finish("k1", "A", 1, t + dt.timedelta(seconds=1), "succeed", result={"id": "ch_1", "n": [1, 2.5]})
+    ok = finish(
+        "k1",
+        "A",
+        1,
+        t + dt.timedelta(seconds=1),
+        "succeed",
+        result={"id": "ch_1", "n": [1, 2.5]},
+        result_replayable=True,
+    )
     assert c.run(lambda s: ok(s)) == 1
     stored = c.run(lambda s: s.load("k1"))
     assert set(stored) == set(LOOKUP_COLUMNS)
@@ -242,6 +250,8 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
         detail={"not_replayable": "why"},
     )
     assert c.run(done) == 1
+    stored = c.run(lambda s: s.load("k2"))
+    assert stored["result_replayable"] is False and stored["result_repr"] == "<object>" and stored["attempt"] == 3
 
     # mark_unknown both ways: an interrupted attempt records it (audited Finish), a sweeper marks a
     # dead claim (fenced on the observed lease); then a reconcile claims it again.
@@ -290,6 +300,8 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
 
 KEYS = st.sampled_from(["k1", "k2", "k3"])
 OWNERS = st.sampled_from(["A", "B", "C"])
+FENCED_OWNERS = st.sampled_from(["current", "current", "A", "B"])
+OFFSETS = st.sampled_from([0, 0, -1, 1])
 RESULTS = st.sampled_from(
     [
         {"result": {"ok": 1}, "result_replayable": True},
@@ -341,22 +353,30 @@ def test_random_sequences_agree(contract: Contract) -> None:
             lease = self.now + dt.timedelta(seconds=30)
             c.run(lambda s: s.claim_again(event=event, row=row, owner=owner, lease_expires_at=lease, now=self.now))
 
-        @rule(key=KEYS, owner=OWNERS, off=st.integers(-1, 1))
+        def owned(self, key: str, owner: str, off: int) -> tuple[str, int]:
+            """(owner, attempt) for a fenced write: "current" is the observed row's own (mostly right,
+            unless the observation is stale), off shifts the attempt."""
+            row = self.seen.get(key)
+            if owner == "current":
+                owner = row.owner or "A" if row is not None else "A"
+            return owner, (row.attempt if row is not None else 1) + off
+
+        @rule(key=KEYS, owner=FENCED_OWNERS, off=OFFSETS)
         def heartbeat(self, key: str, owner: str, off: int) -> None:
-            attempt = (self.seen[key].attempt if key in self.seen else 1) + off
+            owner, attempt = self.owned(key, owner, off)
             lease = self.now + dt.timedelta(seconds=30)
             c.run(lambda s: s.heartbeat(key=key, owner=owner, attempt=attempt, lease_expires_at=lease))
 
         @rule(
             key=KEYS,
-            owner=OWNERS,
-            off=st.integers(-1, 1),
+            owner=FENCED_OWNERS,
+            off=OFFSETS,
             event=st.sampled_from(["succeed", "fail", "mark_unknown"]),
             values=RESULTS,
             retain=st.booleans(),
         )
         def finish(self, key: str, owner: str, off: int, event: str, values: dict[str, Any], retain: bool) -> None:
-            attempt = (self.seen[key].attempt if key in self.seen else 1) + off
+            owner, attempt = self.owned(key, owner, off)
             if event != "succeed":
                 values = {"error": {"type": "ValueError", "message": "x"}, "detail": {"duration_ms": 0.5}}
             retain_until = self.now + dt.timedelta(days=1) if retain else None
@@ -374,6 +394,7 @@ def test_random_sequences_agree(contract: Contract) -> None:
                         detail={"outcome": event},
                     )
                 )
+            self.lookup(key)  # what the fast path reads back (values, types) is compared too
 
         @rule(key=KEYS)
         def mark_unknown(self, key: str) -> None:
