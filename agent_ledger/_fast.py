@@ -513,6 +513,10 @@ class Hot:
         """The statements of a hot unit on Postgres, written once for both drivers: each step is
         (sql, params, fetch one row?) and receives the row (or the rowcount)."""
         op = work.fast
+        if isinstance(op, Finish):  # first: every new call ends with one
+            if not op.audited or self.finish is None:  # a success: the update alone is the record
+                return (yield self.complete.sql, self.params(self.complete, op.binds()), False)
+            return (yield self.finish.sql, self.params(self.finish, op.audited_binds()), False)
         if self.reads_first(work):
             # A lookup (for ClaimOrLoad: the ledger mostly sees replays, e.g. an agent resuming, so a
             # replay is one index read; an absent key is then claimed on the same connection. A
@@ -539,10 +543,6 @@ class Hot:
         if isinstance(op, ClaimNew):
             found = yield self.claim.sql, self.params(self.claim, op.binds()), True
             return {"attempt": found[0]} if found is not None else None
-        if isinstance(op, Finish):
-            if not op.audited or self.finish is None:  # a success: the update alone is the record
-                return (yield self.complete.sql, self.params(self.complete, op.binds()), False)
-            return (yield self.finish.sql, self.params(self.finish, op.audited_binds()), False)
         raise AssertionError(op)  # pragma: no cover
 
     def _pg(self, conn: Any, work: Work) -> Any:

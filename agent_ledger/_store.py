@@ -93,19 +93,24 @@ class ClaimNew:
     owner: str
     lease_expires_at: datetime
     now: datetime
+    _binds: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def binds(self) -> dict[str, Any]:
-        """Values of ``HotStatements.claim``, under their bound names."""
-        return {
-            "p_key": self.key,
-            "p_workflow_id": self.workflow_id,
-            "p_tool": self.tool,
-            "p_payload_hash": self.payload_hash,
-            "p_args": self.args,
-            "p_owner": self.owner,
-            "p_lease_expires_at": self.lease_expires_at,
-            "p_now": self.now,
-        }
+        """Values of ``HotStatements.claim``, under their bound names (built once: the reference's steps
+        and the fast path share them, and neither mutates them)."""
+        out = self._binds
+        if out is None:
+            out = self._binds = {
+                "p_key": self.key,
+                "p_workflow_id": self.workflow_id,
+                "p_tool": self.tool,
+                "p_payload_hash": self.payload_hash,
+                "p_args": self.args,
+                "p_owner": self.owner,
+                "p_lease_expires_at": self.lease_expires_at,
+                "p_now": self.now,
+            }
+        return out
 
 
 @dataclass(slots=True)
@@ -140,24 +145,29 @@ class Finish:
     retain_until: datetime | None
     detail: Mapping[str, Any] | None
     audited: bool
-    started_at: datetime | None = None
+    started_at: datetime | None
     """When the handler started (replaces the claim's time); None keeps the claim's."""
+    _binds: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def binds(self) -> dict[str, Any]:
-        """Values of ``HotStatements.complete``, under their bound names."""
-        return {
-            "p_key": self.key,
-            "p_owner": self.owner,
-            "p_attempt": self.attempt,
-            "p_status": self.status,
-            "p_result": self.result,
-            "p_result_replayable": self.result_replayable,
-            "p_result_repr": self.result_repr,
-            "p_error": self.error,
-            "p_now": self.now,
-            "p_retain_until": self.retain_until,
-            "p_started_at": self.started_at,
-        }
+        """Values of ``HotStatements.complete``, under their bound names (built once, as for
+        ``ClaimNew``)."""
+        out = self._binds
+        if out is None:
+            out = self._binds = {
+                "p_key": self.key,
+                "p_owner": self.owner,
+                "p_attempt": self.attempt,
+                "p_status": self.status,
+                "p_result": self.result,
+                "p_result_replayable": self.result_replayable,
+                "p_result_repr": self.result_repr,
+                "p_error": self.error,
+                "p_now": self.now,
+                "p_retain_until": self.retain_until,
+                "p_started_at": self.started_at,
+            }
+        return out
 
     def audit_binds(self) -> dict[str, Any]:
         """Values of ``HotStatements.event`` for the audit row."""
@@ -174,11 +184,7 @@ class Finish:
 
     def audited_binds(self) -> dict[str, Any]:
         """Values of ``HotStatements.complete_audited`` (the update's, plus what the audit row adds)."""
-        out = self.binds()
-        out["p_workflow_id"] = self.workflow_id
-        out["p_tool"] = self.tool
-        out["p_detail"] = self.detail
-        return out
+        return {**self.binds(), "p_workflow_id": self.workflow_id, "p_tool": self.tool, "p_detail": self.detail}
 
 
 @dataclass(slots=True)
@@ -820,22 +826,22 @@ class Store:
         # The effect row is the execution record of a success (succeeded is terminal, so nothing
         # overwrites it); history() shows it as a "succeeded" event. One write per call, not two.
         audited = event != "succeed"
-        op = Finish(
-            key=key,
-            workflow_id=workflow_id,
-            tool=tool,
-            owner=owner,
-            attempt=attempt,
-            status=status.value,
-            now=now,
-            result=result,
-            result_replayable=result_replayable,
-            result_repr=result_repr,
-            error=error,
-            retain_until=retain_until,
-            detail=dict(detail or {}) if audited else None,
-            audited=audited,
-            started_at=started_at,
+        op = Finish(  # positional (in field order): built on every call, and keywords cost twice as much
+            key,
+            workflow_id,
+            tool,
+            owner,
+            attempt,
+            status.value,
+            now,
+            result,
+            result_replayable,
+            result_repr,
+            error,
+            retain_until,
+            dict(detail or {}) if audited else None,
+            audited,
+            started_at,
         )
         if not audited:
             return Work(((self._complete, op.binds()),), label=event, fast=op)
