@@ -1,0 +1,96 @@
+"""Fixtures for the Python blocks of README.md and docs/**/*.md, which pytest-markdown-docs runs as tests.
+
+Every block runs in a fresh temporary working directory with its own SQLite database in
+``$AGENT_LEDGER_URL``, and without the caller's ``AGENT_LEDGER_*``, ``OPENAI_*``, ``ANTHROPIC_*``,
+``SLACK_*`` and ``STRIPE_*`` variables, so a block can neither read nor write anything outside its
+directory, nor reach a real service by accident. Blocks that talk to a service name a stand-in in their
+info string (```` ```python fixture:stripe_api ````); the fixtures below serve those stand-ins on
+127.0.0.1 and point the environment variables the block reads at them. Blocks marked ``continuation``
+run after the blocks before them on the same page (pytest-markdown-docs runs the page's code so far,
+in order, then the block).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+try:  # repo root importable (python -m pytest, or this rootdir conftest put it on sys.path)
+    from tests import docs_fakes
+    from tests.stripe_standin import StripeStandIn, serve
+except ImportError:  # pragma: no cover - tests/ itself on sys.path
+    import docs_fakes  # type: ignore[no-redef]
+    from stripe_standin import StripeStandIn, serve  # type: ignore[no-redef]
+
+_ISOLATED = ("AGENT_LEDGER_", "OPENAI_", "ANTHROPIC_", "SLACK_", "STRIPE_")
+
+
+@pytest.fixture(autouse=True)
+def _docs_block_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
+    """For documentation blocks only: a fresh working directory and SQLite database per block.
+
+    The stand-in fixtures depend on this one, so that it runs first: pytest-markdown-docs sets up the
+    fixtures a block names before the autouse ones."""
+    if request.node.get_closest_marker("markdown-docs") is None:
+        yield
+        return
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith(_ISOLATED)]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AGENT_LEDGER_URL", f"sqlite:///{tmp_path / 'agent_ledger.db'}")
+    yield
+
+
+@pytest.fixture
+def stripe_api(_docs_block_sandbox: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[StripeStandIn]:
+    """A local stand-in of the Stripe API (tests/stripe_standin.py), in ``$STRIPE_API_BASE``."""
+    clock = docs_fakes.Clock()
+    standin = StripeStandIn(clock=clock)
+    with serve(standin) as base_url:
+        monkeypatch.setenv("STRIPE_API_BASE", base_url)
+        monkeypatch.setenv("STRIPE_SECRET_KEY", "sk_test_standin")
+        yield standin
+
+
+@pytest.fixture
+def fake_openai(_docs_block_sandbox: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[docs_fakes.ScriptedModel]:
+    """A scripted OpenAI-compatible server (chat completions and responses) in ``$OPENAI_BASE_URL``."""
+    model = docs_fakes.ScriptedModel()
+    with docs_fakes.serve_model(model) as base_url:
+        monkeypatch.setenv("OPENAI_BASE_URL", base_url + "/v1")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-standin")
+        yield model
+
+
+@pytest.fixture
+def fake_anthropic(_docs_block_sandbox: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[docs_fakes.ScriptedModel]:
+    """A scripted Anthropic Messages API server in ``$ANTHROPIC_BASE_URL``."""
+    model = docs_fakes.ScriptedModel()
+    with docs_fakes.serve_model(model) as base_url:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-standin")
+        yield model
+
+
+@pytest.fixture
+def slack_env(_docs_block_sandbox: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Made-up Slack credentials for blocks that only build a SlackChannel (nothing is posted)."""
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-not-a-real-token")
+    monkeypatch.setenv("SLACK_CHANNEL_ID", "C0123456789")
+    monkeypatch.setenv("SLACK_SIGNING_SECRET", "not-a-real-signing-secret")
+
+
+@pytest.fixture
+def webhook_env(_docs_block_sandbox: None, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh Standard Webhooks secret in ``$AGENT_LEDGER_WEBHOOK_SECRET``."""
+    import base64
+    import secrets
+
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    monkeypatch.setenv("AGENT_LEDGER_WEBHOOK_SECRET", secret)
+    return secret
