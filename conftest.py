@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,3 +95,27 @@ def webhook_env(_docs_block_sandbox: None, monkeypatch: pytest.MonkeyPatch) -> s
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     monkeypatch.setenv("AGENT_LEDGER_WEBHOOK_SECRET", secret)
     return secret
+
+
+@pytest.fixture
+def background_http_server(_docs_block_sandbox: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """For a block that ends in ``ThreadingHTTPServer(...).serve_forever()``: the server binds a free
+    port of 127.0.0.1 and serves from a thread until the test ends, so the block returns."""
+    import http.server
+    import threading
+
+    servers: list[Any] = []
+
+    class Server(http.server.ThreadingHTTPServer):
+        def __init__(self, address: Any, handler: Any, bind_and_activate: bool = True) -> None:
+            super().__init__(("127.0.0.1", 0), handler, bind_and_activate)
+            servers.append(self)
+
+        def serve_forever(self, poll_interval: float = 0.5) -> None:
+            threading.Thread(target=super().serve_forever, args=(poll_interval,), daemon=True).start()
+
+    monkeypatch.setattr(http.server, "ThreadingHTTPServer", Server)
+    yield servers
+    for server in servers:
+        server.shutdown()
+        server.server_close()
