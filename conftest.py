@@ -119,3 +119,29 @@ def background_http_server(_docs_block_sandbox: None, monkeypatch: pytest.Monkey
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def pg_env(_docs_block_sandbox: None, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh Postgres database in ``$PG_URL``, on the server tests/conftest.py started for the session
+    (skipped when that server is not there: run the docs together with tests/, as scripts/test.sh does)."""
+    import uuid
+
+    import psycopg
+    from psycopg import sql
+
+    option = request.config.option
+    host, port = getattr(option, "postgresql_host", None), getattr(option, "postgresql_port", None)
+    if not host or not port:
+        pytest.skip("no test Postgres server: run the docs with the test suite (bash scripts/test.sh)")
+    user = option.postgresql_user
+    password = getattr(option, "postgresql_password", None) or ""
+    name = f"docs_{uuid.uuid4().hex[:12]}"
+    admin = dict(host=host, port=int(port), user=user, password=password, dbname="postgres", autocommit=True)
+    with psycopg.connect(**admin) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    auth = f"{user}:{password}" if password else user
+    monkeypatch.setenv("PG_URL", f"postgresql+psycopg://{auth}@{host}:{port}/{name}")
+    yield name
+    with psycopg.connect(**admin) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
