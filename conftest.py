@@ -145,3 +145,21 @@ def pg_env(_docs_block_sandbox: None, request: pytest.FixtureRequest, monkeypatc
     yield name
     with psycopg.connect(**admin) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def chat_model(_docs_block_sandbox: None) -> Any:
+    """A LangChain chat model stand-in: asks for ``charge(customer="cus_123", amount=100)``, then answers."""
+    from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+    from langchain_core.messages import AIMessage
+
+    class ScriptedChatModel(FakeMessagesListChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self
+
+    return ScriptedChatModel(
+        responses=[
+            AIMessage("", tool_calls=[{"name": "charge", "args": dict(docs_fakes.TOOL_ARGS), "id": "call_1"}]),
+            AIMessage("The customer was charged."),
+        ]
+    )
