@@ -51,6 +51,11 @@ class StripeStandIn:
         self.objects: dict[str, dict[str, Any]] = {}  # id -> charge or payment intent, in creation order
         self.saved: dict[tuple[str, str], tuple[float, str, dict[str, str], int, dict[str, Any]]] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, idempotency key)
+        # Over HTTP (serve()) only: called after a POST was handled and before its answer is sent
+        # (the crash tests kill the client there); drop_answers > 0 closes the connection instead of
+        # answering that many POSTs (the client sees a network error after the charge was made).
+        self.before_answer: Callable[[], None] | None = None
+        self.drop_answers = 0
         self._lock = threading.Lock()
         self._ids = 0
 
@@ -65,7 +70,9 @@ class StripeStandIn:
 
     # ---- the API -------------------------------------------------------------------------------
 
-    def handle(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def handle(
+        self, method: str, target: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Answer one request: (status, JSON body, extra headers)."""
         headers = {k.lower(): v for k, v in headers.items()}
         url = urlsplit(target)
@@ -101,12 +108,16 @@ class StripeStandIn:
             if saved is not None:
                 _, saved_fingerprint, saved_headers, status, saved_body = saved
                 if saved_fingerprint != fingerprint:
-                    return 400, _error(
-                        "idempotency_error",
-                        "Keys for idempotent requests can only be used with the same parameters they were first "
-                        f"used with. Try using a key other than '{idem_key}' if you meant to execute a different "
-                        "request.",
-                    ), {}
+                    return (
+                        400,
+                        _error(
+                            "idempotency_error",
+                            "Keys for idempotent requests can only be used with the same parameters they were first "
+                            f"used with. Try using a key other than '{idem_key}' if you meant to execute a different "
+                            "request.",
+                        ),
+                        {},
+                    )
                 return status, saved_body, {**saved_headers, "idempotent-replayed": "true"}
         try:
             amount = int(form["amount"])
@@ -181,14 +192,22 @@ def serve(standin: StripeStandIn) -> Iterator[str]:
         def _answer(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
             status, data, extra = standin.handle(self.command, self.path, dict(self.headers.items()), body)
+            if self.command == "POST":
+                if standin.before_answer is not None:
+                    standin.before_answer()
+                if standin.drop_answers > 0:
+                    standin.drop_answers -= 1
+                    self.close_connection = True
+                    return
             raw = json.dumps(data).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(raw)))
-            for name, value in extra.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(raw)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client killed meanwhile
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(raw)))
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(raw)
 
         do_GET = do_POST = _answer
 
