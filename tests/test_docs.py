@@ -9,17 +9,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from agent_ledger import cli
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -91,12 +85,12 @@ def test_every_command_in_the_docs_exists(page: str, line: str) -> None:
             assert option.group(1) in options, f"{page}: `{line}` uses {option.group(1)}, not an option of it"
 
 
-def test_python_blocks_are_run_and_isolated() -> None:
+def test_python_blocks_are_run_and_isolated(pytestconfig: pytest.Config) -> None:
     """The docs' Python blocks are collected by the normal test run, and every block that is not run
     says so: a ``notest`` block needs a reason in the paragraph before it."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["pytest"]["ini_options"]
-    assert "--markdown-docs" in config["addopts"].split()
-    assert {"tests", "README.md", "docs"} <= set(config["testpaths"])
+    assert "--markdown-docs" in pytestconfig.getini("addopts")
+    assert {"tests", "README.md", "docs"} <= set(pytestconfig.getini("testpaths"))
+    assert pytestconfig.option.markdowndocs
     for page in PAGES:
         text = page.read_text(encoding="utf-8")
         for m in FENCE.finditer(text):
