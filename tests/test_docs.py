@@ -106,3 +106,93 @@ def test_every_page_is_linked_from_the_readme() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for page in (ROOT / "docs").glob("*.md"):
         assert f"docs/{page.name}" in readme, f"docs/{page.name} is not linked from README.md"
+
+
+# ---- the console examples of docs/cli.md, run ---------------------------------------------------
+
+CLI_PAGE = ROOT / "docs" / "cli.md"
+CONSOLE_BLOCKS = [
+    body for info, body in FENCE.findall(CLI_PAGE.read_text(encoding="utf-8")) if info.strip() == "console"
+]
+# Output that names ids, times or durations of the run that produced the page is not compared.
+VARIES = re.compile(r"v1:[0-9a-f]{6}|apr_[0-9a-f]{6}|\d{4}-\d\d-\d\dT\d\d|\d\.\dms|:\d+:[0-9a-f]{6}")
+
+
+def _seed(url: str) -> None:
+    """The ledger the page's examples were taken from: order-123 with a replayed charge, a failed
+    receipt and an unknown booking; a refund waiting for alice's approval in order-456."""
+    from agent_ledger import ApprovalPending, Ledger, OutcomeUnknown, ToolCall
+
+    ledger = Ledger(url)
+    charge = ToolCall(workflow_id="order-123", tool="stripe.charge", args={"customer": "cus_123", "amount": 100})
+    for _ in range(2):
+        ledger.run(charge, handler=lambda customer, amount: {"charge_id": "ch_1", "amount": amount})
+
+    def fails(**_: object) -> None:
+        raise RuntimeError("smtp down")
+
+    def interrupted(**_: object) -> None:
+        raise KeyboardInterrupt
+
+    receipt = ToolCall(workflow_id="order-123", tool="email.send_receipt", args={"charge_id": "ch_1"})
+    with pytest.raises(RuntimeError):
+        ledger.run(receipt, handler=fails)
+    booking = ToolCall(workflow_id="order-123", tool="flights.book", args={"flight": "LH123"})
+    with pytest.raises(KeyboardInterrupt):
+        ledger.run(booking, handler=interrupted)
+    with pytest.raises(OutcomeUnknown):
+        ledger.run(booking, handler=interrupted)
+    refund = ToolCall(workflow_id="order-456", tool="stripe.refund", args={"charge_id": "ch_9", "amount": 5000})
+    with pytest.raises(ApprovalPending):
+        ledger.run(refund, handler=lambda charge_id, amount: "refunded", requires_approval=True, approvers={"alice"})
+    ledger.close()
+
+
+@pytest.mark.parametrize("block", CONSOLE_BLOCKS, ids=[b.split("\n", 1)[0][:50] for b in CONSOLE_BLOCKS])
+def test_cli_examples_give_the_documented_output(block: str, tmp_path: Path) -> None:
+    """Each ``$ agent-ledger ...`` line of docs/cli.md, run against a ledger seeded like the page's, exits
+    with the code its ``echo $?`` shows and prints the page's output (unless that output names ids,
+    times or durations of the run the page was written from; those commands only have to succeed)."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'agent_ledger.db'}"
+    _seed(url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_LEDGER_")}
+    env.update(AGENT_LEDGER_URL=url, COLUMNS="120", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        elif steps:
+            steps[-1][1].append(line)
+    last: subprocess.CompletedProcess[str] | None = None
+    for command, expected in steps:
+        if command == "echo $?":
+            if last is not None:
+                assert str(last.returncode) == expected[0], f"`{last.args}` exited {last.returncode}\n{last.stdout}"
+            continue
+        words = shlex.split(command)
+        assert words[0] == "agent-ledger", command
+        if VARIES.search(command) and "v1:nope" not in command:
+            last = None  # names a key or an approval id of the page's own run
+            continue
+        last = subprocess.run(
+            [sys.executable, "-m", "agent_ledger", *words[1:]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        shown = (last.stdout + last.stderr).rstrip("\n")
+        want = "\n".join(expected).rstrip("\n")
+        if "Connection refused" in want:  # the driver's wording; the exit code is checked by `echo $?`
+            continue
+        if VARIES.search(want):
+            assert last.returncode == 0, f"`{command}` failed:\n{shown}"
+            continue
+        assert shown == want, f"docs/cli.md shows for `{command}`:\n{want}\n\nbut it prints:\n{shown}"
