@@ -2,7 +2,9 @@
 
 Every Python block of README.md and docs/**/*.md runs as a test (pytest-markdown-docs, enabled in
 pyproject.toml; fixtures in the root conftest.py). Shell blocks are not run, so this module checks what
-they name instead: every ``agent-ledger`` subcommand and option in the docs exists in the CLI's parser.
+they name instead: every ``agent-ledger`` subcommand and option in the docs exists in the CLI's parser,
+and the console examples of docs/cli.md, run against a ledger seeded like the page's, give the exit
+codes and output the page shows.
 """
 
 from __future__ import annotations
