@@ -1,9 +1,18 @@
 """The one execution flow, shared by the sync and async drivers.
 
 ``execute(plan)`` is a generator: it yields operations (run this ``Work``, call the handler, sleep,
-start or stop a heartbeat, note a replay) and receives their outcomes. It holds no connection and never
-blocks, so ``_runtime.Runtime.run_sync`` and ``run_async`` are short loops that perform the operations
-with a sync or an async engine. The guarantee is therefore written once (the httpx ``auth_flow`` habit).
+start or stop a heartbeat, note a replay, read the clock, ask whether an owner process is gone, make an
+id) and receives their outcomes. It holds no connection, never blocks, and does no I/O of its own: no
+clock, no process table, no random ids (the clock reaches it as ``Plan.now`` and in the answers to
+``Invoke``, ``Sleep`` and ``Now``). ``_runtime.Runtime.run_sync`` and ``run_async`` are short loops
+that perform the operations with a sync or an async engine, and ``tests/test_flow.py`` drives it with
+scripted answers. The guarantee is therefore written once (the httpx ``auth_flow`` habit).
+
+``recover(sweep)`` is the sweeper, on the same operations: it selects and claims stale rows in one unit
+of work (``Unit``) and takes each claimed row through the same reconcile and record steps as a call.
+
+``utcnow``, ``make_owner`` and ``owner_gone`` live here for historical reasons; only the drivers (and
+the ``Ledger``) call them.
 """
 
 from __future__ import annotations
@@ -11,11 +20,10 @@ from __future__ import annotations
 import math
 import os
 import socket
-import time
 import traceback
 import uuid
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -35,13 +43,14 @@ from ._decide import (
     decide_approval,
 )
 from ._keys import Redaction, normalise, payload_hash
-from ._models import Effect
+from ._models import Effect, RecoveryReport, Status
 from ._store import Store, Work, row_from_mapping
 from ._text import storable, text_problem
 from .errors import (
     ApprovalMismatch,
     ApprovalPending,
     ApprovalRejected,
+    ConfigurationError,
     InProgress,
     OutcomeUnknown,
     PayloadMismatch,
@@ -55,17 +64,24 @@ __all__ = [
     "Db",
     "ApprovalPolicy",
     "Invoke",
+    "NewId",
     "Notify",
+    "Now",
     "Op",
+    "OwnerGone",
     "Plan",
+    "Ran",
     "Replayed",
     "Sleep",
     "StopBeat",
+    "Sweep",
+    "Unit",
     "describe_error",
     "encode_result",
     "execute",
     "make_owner",
     "owner_gone",
+    "recover",
     "utcnow",
 ]
 
@@ -142,17 +158,64 @@ class Db:
 
 @dataclass(slots=True)
 class Invoke:
-    """Call a user function with the Effect (awaiting it in the async driver); its result is sent back."""
+    """Call a user function with the Effect (awaiting it in the async driver); a ``Ran`` is sent back.
+
+    ``role`` names the function in messages: ``"handler"`` or ``"reconcile"``.
+    """
 
     fn: Callable[[Effect], Any]
     effect: Effect
+    role: str = "handler"
+
+
+Ran = tuple[Any, "BaseException | None", datetime, float]
+"""The answer to ``Invoke``: ``(value returned, exception raised or None, UTC time when it ended, seconds
+it took)``. The clock readings come with the outcome, so recording it needs no clock operation of its
+own (a plain tuple: one is built per call on the hot path)."""
+
+
+class _AwaitableInSyncCall(ConfigurationError):
+    """A sync call got an awaitable from a user function: the sync driver cannot await it (callers see
+    a ``ConfigurationError``; the subclass tells the flow how to record the attempt).
+
+    ``started`` is False when it was a coroutine that never started (the driver closed it: nothing of
+    it ran), True when it was some other awaitable (a task or future may already be running).
+    """
+
+    def __init__(self, tool: str, role: str, value: Any, started: bool, key: str | None = None) -> None:
+        super().__init__(
+            f"tool {tool!r}: its {role} returned an awaitable ({type(value).__qualname__}) in a sync call, which "
+            f"cannot await it. Declare the {role} `async def` and call the tool with `await` (or "
+            f"`await ledger.arun(...)`), or make the {role} a plain function"
+        )
+        self.key = key
+        self.started = started
 
 
 @dataclass(slots=True)
 class Sleep:
-    """Wait this many seconds before looking again."""
+    """Wait this many seconds before looking again; the clock after waking is sent back (``Now``'s answer)."""
 
     seconds: float
+
+
+@dataclass(slots=True)
+class Now:
+    """Read the clock: ``(UTC datetime, monotonic seconds)`` is sent back."""
+
+
+@dataclass(slots=True)
+class OwnerGone:
+    """Is ``owner`` a process of this host that no longer exists? A bool is sent back (``owner_gone``)."""
+
+    owner: str | None
+
+
+@dataclass(slots=True)
+class NewId:
+    """Make a new random id starting with ``prefix``; the id is sent back."""
+
+    prefix: str
 
 
 @dataclass(slots=True)
@@ -186,7 +249,20 @@ class Replayed:
     event: Mapping[str, Any]
 
 
-Op = Db | Invoke | Sleep | Beat | StopBeat | Replayed | Notify
+@dataclass(slots=True)
+class Unit:
+    """Run every ``Work`` that ``steps`` yields in one transaction, sending each outcome back.
+
+    ``steps`` may also yield ``OwnerGone`` (answered as usual). Its return value is sent back once the
+    transaction committed; if it raises, the transaction rolls back and the error is thrown back.
+    """
+
+    steps: Generator[Work | OwnerGone, Any, Any]
+    label: str = "unit"
+
+
+Op = Db | Invoke | Sleep | Beat | StopBeat | Replayed | Notify | Now | OwnerGone | NewId | Unit
+Clock = tuple[datetime, float]
 
 
 @dataclass(slots=True)
@@ -217,6 +293,9 @@ class Plan:
     redaction: Redaction | None = None
     """Set when some arguments are redacted: ``args``, the key and the payload hash hold their keyed
     hashes, and their texts are scrubbed from every error, traceback and repr the flow records."""
+    now: datetime | None = None
+    """When the call starts, read by the driver's side just before driving the flow (None: the flow asks
+    with ``Now``)."""
 
 
 @dataclass(frozen=True)
@@ -321,12 +400,15 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
     """Carry a call through the ledger: decide, claim, run, record; replay or refuse when settled."""
     store = plan.store
     request = Request(plan.key, plan.payload_hash, plan.args, plan.policy)
-    began = time.monotonic()
+    now = plan.now
+    if now is None:
+        now, _ = yield Now()
+    began: float | None = None  # monotonic time of the first wait, read only when there is one
+    mono = 0.0
     delay = 0.002
     if plan.approval is None:
         # Look the key up and, when absent, claim it in the same unit of work: a replay costs one read,
         # a new call one read and the claim on the same pooled connection.
-        now = utcnow()
         found = yield Db(store.claim_or_load(**_claim(plan, now)))
         if found is not None and found.pop("claimed"):
             return (yield from _run_claimed(plan, 1, False))
@@ -334,8 +416,9 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
         found = yield Db(store.load(plan.key))
     while True:
         row = row_from_mapping(found) if found is not None else None
-        now = utcnow()
-        gone = plan.detect_local_crashes and row is not None and row.status.value == "running" and owner_gone(row.owner)
+        gone = False
+        if plan.detect_local_crashes and row is not None and row.status is Status.RUNNING:
+            gone = yield OwnerGone(row.owner)
         decision = decide(row, request, now, owner_gone=gone)
 
         if isinstance(decision, Replay):
@@ -384,14 +467,17 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
             raise OutcomeUnknown(row.key, row.tool, row.args, row.owner, row.attempt)
 
         if isinstance(decision, Wait):
-            waited = time.monotonic() - began
+            assert row is not None
+            if began is None:
+                now, began = yield Now()
+                mono = began
+            waited = mono - began
             if waited >= plan.wait:
-                assert row is not None
                 raise InProgress(row.key, row.tool, row.owner, row.started_at, waited)
             pause = min(delay, plan.wait - waited)
             if decision.lease_expires_at is not None:
                 pause = min(pause, max(0.001, (decision.lease_expires_at - now).total_seconds() + 0.001))
-            yield Sleep(pause)
+            now, mono = yield Sleep(pause)
             # Poll fast while the winner is likely about to finish, then back off: waiters see a result
             # within a few ms of its commit in the first seconds, without hammering the database later.
             delay = min(delay * 2, 0.005 if waited < 1.0 else 0.01 if waited < 2.0 else 0.1)
@@ -408,8 +494,7 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
         assert isinstance(decision, Claim)
         approval_id = None
         if plan.approval is not None:
-            approval_id = yield from _approval_gate(plan)
-            now = utcnow()
+            approval_id, now = yield from _approval_gate(plan)
         lease_until = now + timedelta(seconds=plan.lease)
         if decision.event == "claim":
             won = yield Db(
@@ -464,8 +549,8 @@ def _consuming(plan: Plan, approval_id: str | None, now: datetime, attempt: int,
     )
 
 
-def _approval_gate(plan: Plan) -> Generator[Op, Any, str]:
-    """Return the id of an approved, unused approval for exactly this payload, or raise.
+def _approval_gate(plan: Plan) -> Generator[Op, Any, tuple[str, datetime]]:
+    """Return the id of an approved, unused approval for exactly this payload (and the time), or raise.
 
     Requests one (and notifies the channels) when there is none; waits up to ``approval.wait`` for a
     decision; raises ``ApprovalPending`` or ``ApprovalRejected`` otherwise.
@@ -473,21 +558,22 @@ def _approval_gate(plan: Plan) -> Generator[Op, Any, str]:
     assert plan.approval is not None
     policy = plan.approval
     store = plan.store
-    began = time.monotonic()
+    now, began = yield Now()
+    mono = began
     delay = 0.01
     while True:
-        now = utcnow()
         found = yield Db(store.latest_approval(plan.key, plan.payload_hash))
         step = decide_approval(found, now, policy.approvers)
         if step == "use":
-            return str(found["id"])
+            return str(found["id"]), now
         if step == "rejected":
             raise ApprovalRejected(found["id"], plan.key, plan.tool, plan.args, found["decided_by"], found["reason"])
         if step == "expire":
             yield Db(store.expire_approval(found, now=now, actor=plan.owner))
+            now, mono = yield Now()
             continue
         if step == "request":
-            new_id = "apr_" + uuid.uuid4().hex
+            new_id = yield NewId("apr_")
             created = yield Db(
                 store.request_approval(
                     approval_id=new_id,
@@ -505,13 +591,14 @@ def _approval_gate(plan: Plan) -> Generator[Op, Any, str]:
             if created is not None:
                 fresh = yield Db(store.approval(new_id))
                 yield Notify(fresh)
+            now, mono = yield Now()
             continue
         # pending: wait for a decision, or hand the pending request back to the agent
-        waited = time.monotonic() - began
+        waited = mono - began
         if waited >= policy.wait:
             raise ApprovalPending(found["id"], plan.key, plan.tool, plan.args, found["expires_at"])
         until_expiry = (found["expires_at"] - now).total_seconds()
-        yield Sleep(max(0.001, min(delay, policy.wait - waited, until_expiry + 0.001)))
+        now, mono = yield Sleep(max(0.001, min(delay, policy.wait - waited, until_expiry + 0.001)))
         delay = min(delay * 2, 0.25)
 
 
@@ -542,10 +629,31 @@ def _event(plan: Plan, kind: str, attempt: int | None, owner: str | None, at: da
     }
 
 
+def _effect(plan: Plan, attempt: int) -> Effect:
+    return Effect(
+        key=plan.key,
+        idem_key=plan.key,
+        attempt=attempt,
+        workflow_id=plan.workflow_id,
+        tool=plan.tool,
+        args=plan.call_args,
+    )
+
+
+def _finish(plan: Plan, attempt: int) -> dict[str, Any]:
+    return {
+        "key": plan.key,
+        "workflow_id": plan.workflow_id,
+        "tool": plan.tool,
+        "owner": plan.owner,
+        "attempt": attempt,
+    }
+
+
 def _run_claimed(
     plan: Plan, attempt: int, reconcile_first: bool, approval_id: str | None = None
 ) -> Generator[Op, Any, Any]:
-    effect = Effect(
+    effect = Effect(  # built inline (not with _effect/_finish): this is the hot path of a new call
         key=plan.key,
         idem_key=plan.key,
         attempt=attempt,
@@ -562,46 +670,63 @@ def _run_claimed(
     }
     handle = yield Beat(plan.key, plan.owner, attempt, plan.lease)
     try:
-        started = time.monotonic()
-        finish["started_at"] = utcnow()  # the attempt's duration is the handler's, not the warm-up before
         detail: dict[str, Any] = {}
-        result: Any = NOT_EXECUTED
         if reconcile_first:
-            result = yield from _reconcile(plan, effect, finish)
-            detail["reconciled"] = result is not NOT_EXECUTED
-        try:
-            if result is NOT_EXECUTED:
-                if approval_id is not None:
-                    _verify_approved_payload(plan, approval_id)
-                result = yield Invoke(plan.invoke, effect)
-        except Exception as exc:
-            detail["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+            found = yield from _reconcile(plan, effect, finish, "call")
+            if found is not NOT_EXECUTED:
+                return found
+            detail["reconciled"] = False
+        ran: Ran | None = None
+        if approval_id is not None:
+            try:
+                _verify_approved_payload(plan, approval_id)
+            except ApprovalMismatch as mismatch:
+                at, _ = yield Now()
+                ran = (None, mismatch, at, 0.0)
+        if ran is None:
+            ran = yield Invoke(plan.invoke, effect)
+        value, exc, now, elapsed = ran
+        # The attempt's duration is the handler's, not the warm-up before (or a reconcile callback's).
+        finish["started_at"] = now - timedelta(seconds=elapsed)
+        if exc is None:
+            detail["duration_ms"] = round(elapsed * 1000, 3)
+            data, replayable, shown, reason = encode_result(value)
+            shown = _scrub(plan, shown)
+            if not replayable:
+                detail["not_replayable"] = _scrub(plan, reason)
+            yield from _record(
+                plan,
+                "succeed",
+                finish,
+                detail,
+                now,
+                result=data,
+                result_replayable=replayable,
+                result_repr=shown,
+            )
+            return value
+        if isinstance(exc, _AwaitableInSyncCall):
+            # The sync driver could not await what the handler returned. An unstarted coroutine did
+            # nothing (it was closed): the key goes back to pending and the next call runs the handler.
+            # Anything else (a task, a future) may be running: its outcome is unknown.
+            detail["error"] = {"type": "agent_ledger.ConfigurationError", "message": str(exc)}
+            if exc.started:
+                yield from _record(plan, "mark_unknown", finish, detail, now, error=_describe(plan, exc))
+            else:
+                yield from _release(plan, finish, now, f"not executed: {exc}")
+            raise exc
+        if isinstance(exc, Exception):
+            detail["duration_ms"] = round(elapsed * 1000, 3)
             error = _describe(plan, exc)
             # Each attempt's error stays in its own audit row (the effect keeps only the latest one).
             detail["error"] = {"type": error["type"], "message": error["message"]}
-            yield from _record(plan, "fail", finish, detail, error=error)
-            raise
-        except BaseException as exc:
-            # Interrupted (KeyboardInterrupt, SystemExit, task cancellation): the handler did not finish
-            # and may have done part of its work. Record that honestly instead of guessing.
-            detail["interrupted"] = type(exc).__name__
-            yield from _record(plan, "mark_unknown", finish, detail, error=_describe(plan, exc))
-            raise
-        detail["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
-        data, replayable, shown, reason = encode_result(result)
-        shown = _scrub(plan, shown)
-        if not replayable:
-            detail["not_replayable"] = _scrub(plan, reason)
-        yield from _record(
-            plan,
-            "succeed",
-            finish,
-            detail,
-            result=data,
-            result_replayable=replayable,
-            result_repr=shown,
-        )
-        return result
+            yield from _record(plan, "fail", finish, detail, now, error=error)
+            raise exc
+        # Interrupted (KeyboardInterrupt, SystemExit, task cancellation): the handler did not finish
+        # and may have done part of its work. Record that honestly instead of guessing.
+        detail["interrupted"] = type(exc).__name__
+        yield from _record(plan, "mark_unknown", finish, detail, now, error=_describe(plan, exc))
+        raise exc
     finally:
         yield StopBeat(handle)
 
@@ -616,30 +741,71 @@ def _verify_approved_payload(plan: Plan, approval_id: str) -> None:
         raise ApprovalMismatch(approval_id, plan.key, plan.tool, plan.payload_hash, actual)
 
 
-def _reconcile(plan: Plan, effect: Effect, finish: Mapping[str, Any]) -> Generator[Op, Any, Any]:
-    """Ask the tool's reconcile callback what happened to an uncertain attempt (we hold the claim)."""
+def _reconcile(plan: Plan, effect: Effect, finish: dict[str, Any], via: str) -> Generator[Op, Any, Any]:
+    """Ask the tool's reconcile callback what happened to an uncertain attempt (we hold the claim).
+
+    Records the answer with its evidence: a found result is recorded as the success (with a
+    ``reconciled`` event in the same transaction); ``NOT_EXECUTED`` is noted in a ``reconciled`` event
+    and returned, for the caller to run the handler (a call) or release the key (the sweeper). A callback
+    that raised leaves the effect ``unknown`` and raises ``OutcomeUnknown``.
+    """
     assert plan.reconcile is not None
-    who = {k: finish[k] for k in ("key", "workflow_id", "tool", "owner")}
-    try:
-        found = yield Invoke(plan.reconcile, effect)
-    except Exception as exc:
+    found, exc, now, elapsed = yield Invoke(plan.reconcile, effect, "reconcile")
+    finish["started_at"] = now - timedelta(seconds=elapsed)
+    if exc is not None:
         # Reconciliation itself failed: the outcome is as unknown as before. Never guess.
+        detail: dict[str, Any] = {"reconciled": None, "via": via}
+        if isinstance(exc, Exception):
+            detail["reconcile_error"] = storable(_scrub(plan, repr(exc)) or "")
+        else:
+            detail["interrupted"] = type(exc).__name__
+        yield from _record(plan, "mark_unknown", finish, detail, now, error=_describe(plan, exc))
+        if isinstance(exc, _AwaitableInSyncCall) or not isinstance(exc, Exception):
+            raise exc
         shown = _scrub(plan, repr(exc))
-        yield from _record(plan, "mark_unknown", finish, {"reconcile_error": shown}, error=_describe(plan, exc))
         raise OutcomeUnknown(
             plan.key, plan.tool, plan.args, plan.owner, effect.attempt, detail=f"reconcile raised {shown}"
         ) from exc
-    yield Db(
-        plan.store.event(
-            kind="reconciled",
-            attempt=effect.attempt,
-            at=utcnow(),
-            detail={
-                "found": found is not NOT_EXECUTED,
-                "then": "running the handler" if found is NOT_EXECUTED else "recording the reconciled result",
-            },
-            **who,
+    if found is NOT_EXECUTED:
+        yield Db(
+            plan.store.event(
+                kind="reconciled",
+                attempt=effect.attempt,
+                at=now,
+                detail={
+                    "reconciled": False,
+                    "found": False,
+                    "via": via,
+                    "evidence": None,
+                    "then": "running the handler" if via == "call" else "releasing the key for the next call",
+                },
+                **{k: finish[k] for k in ("key", "workflow_id", "tool", "owner")},
+            )
         )
+        return NOT_EXECUTED
+    data, replayable, shown, why = encode_result(found)
+    shown = _scrub(plan, shown)
+    why = _scrub(plan, why)
+    detail = {
+        "reconciled": True,
+        "found": True,
+        "via": via,
+        "evidence": data if replayable else shown,
+        "then": "recording the reconciled result",
+        "duration_ms": round(elapsed * 1000, 3),
+    }
+    if not replayable:
+        detail["not_replayable"] = why
+    yield from _record(
+        plan,
+        "succeed",
+        finish,
+        detail,
+        now,
+        audit="reconciled",
+        result=data,
+        result_replayable=replayable,
+        result_repr=shown,
     )
     return found
 
@@ -655,20 +821,189 @@ def _late_values(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _record(
-    plan: Plan, event: Any, finish: Mapping[str, Any], detail: dict[str, Any], **values: Any
+    plan: Plan,
+    event: Any,
+    finish: Mapping[str, Any],
+    detail: dict[str, Any],
+    now: datetime,
+    audit: str | None = None,
+    **values: Any,
 ) -> Generator[Op, Any, None]:
-    now = utcnow()
+    """Record the outcome of our attempt, fenced; a ``late_completion`` event when we lost the claim.
+
+    ``audit`` names an event written with the outcome, in its transaction, carrying ``detail`` (a
+    success has no event row of its own: the effect row is its record).
+    """
     retain = now + timedelta(seconds=plan.retention) if plan.retention is not None and event != "mark_unknown" else None
-    n = yield Db(plan.store.finish(event=event, now=now, detail=detail, retain_until=retain, **finish, **values))
-    if not n:
-        # Fenced off: our lease was taken over (or the effect was resolved) while we ran. Our handler
-        # did run, so the caller still gets its own outcome; the stored outcome stays the new owner's.
-        yield Db(
-            plan.store.event(
-                kind="late_completion",
-                attempt=finish["attempt"],
-                at=now,
-                detail={"outcome": event, **detail, **_late_values(values)},
-                **{k: finish[k] for k in ("key", "workflow_id", "tool", "owner")},
-            )
+    store = plan.store
+    if audit is None:
+        work = store.finish(event=event, now=now, detail=detail, retain_until=retain, **finish, **values)
+    else:
+        work = store.finish_audited(
+            kind=audit, event=event, now=now, detail=detail, retain_until=retain, **finish, **values
         )
+    n = yield Db(work)
+    if not n:
+        yield from _late(plan, finish, now, {"outcome": event, **detail, **_late_values(values)})
+
+
+def _late(plan: Plan, finish: Mapping[str, Any], now: datetime, detail: Mapping[str, Any]) -> Generator[Op, Any, None]:
+    # Fenced off: our lease was taken over (or the effect was resolved) while we ran. Our handler
+    # did run, so the caller still gets its own outcome; the stored outcome stays the new owner's.
+    yield Db(
+        plan.store.event(
+            kind="late_completion",
+            attempt=finish["attempt"],
+            at=now,
+            detail=detail,
+            **{k: finish[k] for k in ("key", "workflow_id", "tool", "owner")},
+        )
+    )
+
+
+def _release(plan: Plan, finish: Mapping[str, Any], now: datetime, reason: str) -> Generator[Op, Any, None]:
+    """Put our claimed attempt back to ``pending`` (nothing happened): the next call runs the handler."""
+    mine = Row(
+        key=plan.key,
+        workflow_id=plan.workflow_id,
+        tool=plan.tool,
+        status=Status.RUNNING,
+        attempt=finish["attempt"],
+        payload_hash=plan.payload_hash,
+        args=plan.args,
+        owner=plan.owner,
+        lease_expires_at=None,
+        started_at=None,
+        result=None,
+        result_replayable=None,
+        result_repr=None,
+        error=None,
+    )
+    n = yield Db(plan.store.resolve(row=mine, event="resolve_retry", by=plan.owner, now=now, reason=reason))
+    if not n:
+        yield from _late(plan, finish, now, {"outcome": "resolve_retry", "reason": reason})
+
+
+# -- the sweeper ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Sweep:
+    """What one ``recover`` pass needs, computed before any I/O."""
+
+    store: Store
+    owner: str
+    lease: float
+    host_prefix: str
+    """``LIKE`` pattern of this host's owners (their liveness can be checked here)."""
+    batch_size: int
+    tools: Mapping[str, tuple[Callable[[Effect], Any], float | None]]
+    """Tools with a reconcile callback registered here: name -> (reconcile, retention)."""
+    detect_local_crashes: bool = True
+
+
+@dataclass(slots=True)
+class _Batch:
+    found: int = 0
+    acted: int = 0
+    skipped: int = 0
+    marked_unknown: list[str] = field(default_factory=list)
+    claimed: list[Row] = field(default_factory=list)
+
+
+def recover(sweep: Sweep) -> Generator[Op, Any, RecoveryReport]:
+    """Settle stale claims batch by batch: select and claim in one unit, then reconcile each claimed row
+    through the same steps as a call (``_reconcile``, ``_record``)."""
+    report = RecoveryReport()
+    while True:
+        now, _ = yield Now()
+        batch: _Batch = yield Unit(_claim_stale(sweep, now), "recover")
+        report.skipped += batch.skipped
+        report.examined += batch.acted
+        report.marked_unknown.extend(batch.marked_unknown)
+        for row in batch.claimed:
+            outcome, why = yield from _recover_claimed(sweep, row)
+            if outcome == "reconciled":
+                report.reconciled.append(row.key)
+            elif outcome == "released":
+                report.released.append(row.key)
+            else:
+                report.failed[row.key] = why
+        if batch.acted == 0 or batch.found < sweep.batch_size:
+            return report
+
+
+def _claim_stale(sweep: Sweep, now: datetime) -> Generator[Work | OwnerGone, Any, _Batch]:
+    """One transaction: lock a batch of stale running rows, claim those we can reconcile, mark the others
+    ``unknown`` (skipping rows of this host whose owner is alive)."""
+    store = sweep.store
+    batch = _Batch()
+    found = yield store.stale(now=now, host_prefix=sweep.host_prefix, limit=sweep.batch_size)
+    batch.found = len(found)
+    for row in map(row_from_mapping, found):
+        expired = row.lease_expires_at is None or row.lease_expires_at <= now
+        gone = False
+        if sweep.detect_local_crashes:
+            gone = yield OwnerGone(row.owner)
+        if not expired and not gone:
+            batch.skipped += 1
+            continue
+        batch.acted += 1
+        reason = "its process is gone" if gone else "its lease expired"
+        if row.tool in sweep.tools:
+            work = store.claim_again(
+                event="reconcile",
+                row=row,
+                owner=sweep.owner,
+                lease_expires_at=now + timedelta(seconds=sweep.lease),
+                now=now,
+                detail={"by": "recover", "reason": reason},
+            )
+            if (yield work):
+                batch.claimed.append(row)
+        elif (yield store.mark_unknown(row=row, now=now, by=sweep.owner, detail={"reason": reason, "via": "recover"})):
+            batch.marked_unknown.append(row.key)
+    return batch
+
+
+def _never(effect: Effect) -> Any:  # pragma: no cover - the sweeper never runs a handler
+    raise AssertionError("the sweeper does not run handlers")
+
+
+def _recover_claimed(sweep: Sweep, row: Row) -> Generator[Op, Any, tuple[str, str]]:
+    """Reconcile one row the sweeper claimed: found -> succeeded, NOT_EXECUTED -> pending, raised -> unknown."""
+    reconcile, retention = sweep.tools[row.tool]
+    plan = Plan(
+        store=sweep.store,
+        key=row.key,
+        workflow_id=row.workflow_id,
+        tool=row.tool,
+        args=row.args or {},
+        call_args=row.args or {},
+        payload_hash=row.payload_hash,
+        invoke=_never,
+        policy=Policy(has_reconcile=True),
+        owner=sweep.owner,
+        lease=sweep.lease,
+        wait=0.0,
+        reconcile=reconcile,
+        retention=retention,
+    )
+    attempt = row.attempt + 1
+    finish = _finish(plan, attempt)
+    handle = yield Beat(plan.key, plan.owner, attempt, plan.lease)
+    try:
+        try:
+            found = yield from _reconcile(plan, _effect(plan, attempt), finish, "recover")
+        except OutcomeUnknown as e:
+            cause = e.__cause__
+            return "failed", f"{type(cause).__name__}: {cause}"
+        except _AwaitableInSyncCall as e:
+            return "failed", f"ConfigurationError: {e}"
+        if found is NOT_EXECUTED:
+            now, _ = yield Now()
+            yield from _release(plan, finish, now, "reconcile: not executed")
+            return "released", ""
+        return "reconciled", ""
+    finally:
+        yield StopBeat(handle)

@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import inspect
 import os
@@ -23,18 +22,19 @@ from pydantic import TypeAdapter
 from typing_extensions import Unpack
 
 from . import _keys
-from ._decide import Policy, Row, lease_over, transition
+from ._decide import Policy, lease_over, transition
 from ._flow import (
     HOST,
-    NOT_EXECUTED,
     ApprovalPolicy,
     Plan,
+    Sweep,
     describe_error,
     encode_result,
     execute,
     owner_gone,
     utcnow,
 )
+from ._flow import recover as sweep_stale
 from ._models import (
     Approval,
     AuditEvent,
@@ -284,6 +284,12 @@ class _Options:
             )
         if reconcile is not None and not callable(reconcile):
             raise ConfigurationError(f"reconcile must be callable, not {reconcile!r}")
+        predicate = options.get("requires_approval")
+        if callable(predicate) and _is_async(predicate):
+            raise ConfigurationError(
+                "requires_approval must be a plain (sync) predicate: it is asked while the call is planned, "
+                "before anything is awaited"
+            )
         key_names = _names(options.get("key"), "key", empty=False)
         requires = options.get("requires_approval", False)
         if not (isinstance(requires, bool) or callable(requires)):
@@ -401,6 +407,20 @@ def _is_async(fn: Any) -> bool:
     return call is not None and inspect.iscoroutinefunction(call)
 
 
+def _sync_callables(tool: str, reconcile: Callable[..., Any] | None) -> None:
+    """Refuse, when a sync tool is declared (or a sync call made), a callback only the async driver can run.
+
+    The rule (docs/concepts.md, "Sync and async"): a tool is sync or async by its handler, decided at
+    declaration; a sync tool's callbacks must be sync (the sync driver never awaits); an async tool
+    may use either.
+    """
+    if reconcile is not None and _is_async(reconcile):
+        raise ConfigurationError(
+            f"tool {tool!r} is sync but its reconcile= callback is async: a sync call cannot await it. "
+            f"Make the callback a plain function, or make the tool async (async def, or await ledger.arun)"
+        )
+
+
 class Ledger:
     """A ledger of tool calls on one database.
 
@@ -513,6 +533,7 @@ class Ledger:
     # -- planning --------------------------------------------------------------------------
 
     def _execute(self, plan: Plan) -> Any:
+        plan.now = utcnow()  # the flow's start time, read here rather than in the flow (it does no I/O)
         seen = self._telemetry.begin(plan)
         if seen is None:
             return self._rt.run_sync(execute(plan))
@@ -527,7 +548,8 @@ class Ledger:
     async def _aexecute(self, plan: Plan) -> Any:
         owner = self.owner
         if plan.owner != owner:  # planned before an os.fork(), awaited in the child: claim as the child
-            plan = dataclasses.replace(plan, owner=owner)
+            plan.owner = owner
+        plan.now = utcnow()  # when the call starts, not when its coroutine was made
         seen = self._telemetry.begin(plan)
         if seen is None:
             return await self._rt.run_async(execute(plan))
@@ -654,6 +676,7 @@ class Ledger:
         plan = self._call_plan(call, handler, options)
         if _is_async(handler):
             return self._aexecute(plan)
+        _sync_callables(plan.tool, plan.reconcile)
         return self._execute(plan)
 
     async def arun(self, call: ToolCall | Any, handler: Callable[..., Any], **options: Unpack[CallOptions]) -> Any:
@@ -753,6 +776,8 @@ class Ledger:
         if not callable(fn):
             raise ConfigurationError(f"@ledger.tool decorates functions, not {fn!r}")
         tool_name = name or f"{fn.__module__}.{fn.__qualname__}"
+        if not _is_async(fn):
+            _sync_callables(tool_name, options.reconcile)
         sig = inspect.signature(fn)
         params = sig.parameters
         wants = "effect" in params
@@ -963,106 +988,49 @@ class Ledger:
         handled by exactly one. A tool registered on this ledger with ``reconcile=`` is reconciled: found
         -> ``succeeded`` with the returned result, ``NOT_EXECUTED`` -> ``pending`` (the next call runs
         the handler), raised -> ``unknown``. Every other stale effect becomes ``unknown``.
-        """
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ConfigurationError(f"batch_size must be a positive int, not {batch_size!r}")
-        report = RecoveryReport()
-        store = self._rt.store
-        while True:
-            now = utcnow()
-            claimed: list[tuple[Row, Callable[[Effect], Any]]] = []
-            acted = 0
-            with self._rt.transaction("recover") as conn:
-                found = self._rt.steps(conn, store.stale(now=now, host_prefix=f"{HOST}:%", limit=batch_size))
-                for row in map(row_from_mapping, found):
-                    expired = row.lease_expires_at is None or row.lease_expires_at <= now
-                    gone = self.detect_local_crashes and owner_gone(row.owner)
-                    if not expired and not gone:
-                        report.skipped += 1
-                        continue
-                    report.examined += 1
-                    acted += 1
-                    reconcile = self._tools[row.tool][1].reconcile if row.tool in self._tools else None
-                    reason = "its process is gone" if gone else "its lease expired"
-                    if reconcile is not None:
-                        work = store.claim_again(
-                            event="reconcile",
-                            row=row,
-                            owner=self.owner,
-                            lease_expires_at=now + timedelta(seconds=self.lease),
-                            now=now,
-                            detail={"by": "recover", "reason": reason},
-                        )
-                        if self._rt.steps(conn, work):
-                            claimed.append((row, reconcile))
-                    elif self._rt.steps(
-                        conn,
-                        store.mark_unknown(
-                            row=row, now=now, by=self.owner, detail={"reason": reason, "via": "recover"}
-                        ),
-                    ):
-                        report.marked_unknown.append(row.key)
-            for row, reconcile in claimed:
-                self._reconcile_claimed(row, reconcile, report)
-            if acted == 0 or len(found) < batch_size:
-                return report
 
-    def _reconcile_claimed(self, row: Row, reconcile: Callable[[Effect], Any], report: RecoveryReport) -> None:
-        attempt = row.attempt + 1
-        effect = Effect(
-            key=row.key,
-            idem_key=row.key,
-            attempt=attempt,
-            workflow_id=row.workflow_id,
-            tool=row.tool,
-            args=row.args or {},
-        )
-        store = self._rt.store
-        mine = dataclasses.replace(row, status=Status.RUNNING, attempt=attempt, owner=self.owner)
-        finish: dict[str, Any] = {
-            "key": row.key,
-            "workflow_id": row.workflow_id,
-            "tool": row.tool,
-            "owner": self.owner,
-            "attempt": attempt,
-        }
+        Async reconcile callbacks are awaited on an event loop of their own; inside a running event
+        loop that is impossible, so ``recover()`` then refuses (``ConfigurationError``) before touching
+        anything: use ``await ledger.arecover()``.
+        """
+        sweep = self._sweep(batch_size)
+        if any(_is_async(fn) for fn, _ in sweep.tools.values()):
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return asyncio.run(self._arecover_own_loop(sweep))
+            raise ConfigurationError(
+                "recover() was called inside a running event loop, and tools registered here have async "
+                "reconcile= callbacks, which a sync call cannot await there: use `await ledger.arecover()`"
+            )
+        return typing.cast(RecoveryReport, self._rt.run_sync(sweep_stale(sweep)))
+
+    async def arecover(self, *, batch_size: int = 100) -> RecoveryReport:
+        """``recover()`` for async code: the same sweep on the async driver (any reconcile callback)."""
+        return typing.cast(RecoveryReport, await self._rt.run_async(sweep_stale(self._sweep(batch_size))))
+
+    async def _arecover_own_loop(self, sweep: Sweep) -> RecoveryReport:
         try:
-            outcome = reconcile(effect)
-            if inspect.isawaitable(outcome):
-                outcome = asyncio.run(_awaited(outcome))
-        except Exception as exc:
-            self._rt.do(
-                store.finish(
-                    event="mark_unknown",
-                    now=utcnow(),
-                    error=describe_error(exc),
-                    detail={"reconcile_error": f"{type(exc).__name__}: {exc}", "via": "recover"},
-                    **finish,
-                )
-            )
-            report.failed[row.key] = f"{type(exc).__name__}: {exc}"
-            return
-        if outcome is NOT_EXECUTED:
-            self._rt.do(
-                store.resolve(
-                    row=mine, event="resolve_retry", by=self.owner, now=utcnow(), reason="reconcile: not executed"
-                )
-            )
-            report.released.append(row.key)
-            return
-        data, replayable, shown, why = encode_result(outcome)
-        self._rt.do(
-            store.finish(
-                event="succeed",
-                now=utcnow(),
-                result=data,
-                result_replayable=replayable,
-                result_repr=shown,
-                detail={"reconciled": True, "via": "recover", **({"not_replayable": why} if why else {})},
-                **finish,
-            )
+            return typing.cast(RecoveryReport, await self._rt.run_async(sweep_stale(sweep)))
+        finally:
+            await self._rt.aclose_loop()
+
+    def _sweep(self, batch_size: int) -> Sweep:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ConfigurationError(f"batch_size must be a positive int, not {batch_size!r}")
+        return Sweep(
+            store=self._rt.store,
+            owner=self.owner,
+            lease=self.lease,
+            host_prefix=f"{HOST}:%",
+            batch_size=batch_size,
+            tools={
+                name: (reconcile, opts.retention)
+                for name, (_fn, opts) in self._tools.items()
+                if (reconcile := opts.reconcile) is not None
+            },
+            detect_local_crashes=self.detect_local_crashes,
         )
-        report.reconciled.append(row.key)
 
     # -- audit -----------------------------------------------------------------------------
 
@@ -1220,10 +1188,6 @@ class Ledger:
         record = self.effect(key)
         assert record is not None
         return record
-
-
-async def _awaited(value: Any) -> Any:
-    return await value
 
 
 def _success_event(m: Mapping[str, Any]) -> AuditEvent | None:

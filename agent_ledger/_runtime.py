@@ -1,9 +1,12 @@
 """The I/O side: engines, the sync and async drivers of ``_flow``, heartbeats and batched replay records.
 
-Both drivers perform the same operations. They do bridge, in named places: from sync code, an async
-approval-channel hook runs in ``asyncio.run`` (``approvals/_service.py``), and so does an async
-``reconcile=`` in ``Ledger.recover()``; the async driver hands SQLite writes and blocking channel hooks
-to a worker thread (SQLite has no asynchronous I/O).
+Both drivers perform the same operations, including the flow's clock readings, liveness checks and ids.
+The sync driver never awaits a user function: one that returns an awaitable in a sync call is refused
+(``ConfigurationError``). They do bridge, in named places: from sync code, an async approval-channel
+hook runs in ``asyncio.run`` (``approvals/_service.py``), and so does ``Ledger.recover()`` when async
+``reconcile=`` callbacks are registered (the whole sweep on the async driver, outside a running loop);
+the async driver hands SQLite writes and blocking channel hooks to a worker thread (SQLite has no
+asynchronous I/O).
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import inspect
 import logging
 import os
 import re
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Generator, Iterator, Mapping
 from datetime import timedelta
@@ -28,7 +33,24 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ._fast import HOP, AsyncPool, Hot, SyncPool, install_idle_ping
-from ._flow import Beat, Db, Invoke, Notify, Op, Replayed, Sleep, StopBeat, make_owner, utcnow
+from ._flow import (
+    Beat,
+    Db,
+    Invoke,
+    NewId,
+    Notify,
+    Now,
+    Op,
+    OwnerGone,
+    Replayed,
+    Sleep,
+    StopBeat,
+    Unit,
+    _AwaitableInSyncCall,
+    make_owner,
+    owner_gone,
+    utcnow,
+)
 from ._hide import hide, hide_url, password_of, remember
 from ._schema import Tables
 from ._store import Store, Work
@@ -592,13 +614,26 @@ class Runtime:
         if isinstance(op, Db):
             return self.do(op.work)
         if isinstance(op, Invoke):
-            return op.fn(op.effect)
+            started = time.monotonic()
+            try:
+                value = op.fn(op.effect)
+            except BaseException as e:
+                return None, e, utcnow(), time.monotonic() - started
+            if type(value) not in _PLAIN and hasattr(type(value), "__await__"):
+                return None, _refused_awaitable(op, value), utcnow(), time.monotonic() - started
+            return value, None, utcnow(), time.monotonic() - started
         if isinstance(op, Replayed):
             self._replays.add(op.event)
             return None
         if isinstance(op, Sleep):
             time.sleep(op.seconds)
-            return None
+            return utcnow(), time.monotonic()
+        if isinstance(op, Now):
+            return utcnow(), time.monotonic()
+        if isinstance(op, OwnerGone):
+            return owner_gone(op.owner)
+        if isinstance(op, NewId):
+            return op.prefix + uuid.uuid4().hex
         if isinstance(op, Beat):
             return self.heartbeats.start(op)
         if isinstance(op, StopBeat):
@@ -608,7 +643,23 @@ class Runtime:
             if self.approvals is not None:
                 self.approvals.notify_request(op.approval)
             return None
+        if isinstance(op, Unit):
+            return self._unit(op)
         raise AssertionError(f"unknown operation {op!r}")  # pragma: no cover
+
+    def _unit(self, op: Unit) -> Any:
+        """Drive ``op.steps`` inside one write transaction on the sync engine."""
+        steps = op.steps
+        with self.transaction(op.label) as conn:
+            send: Any = None
+            while True:
+                try:
+                    item = steps.send(send)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                send = owner_gone(item.owner) if isinstance(item, OwnerGone) else self.steps(conn, item)
+        return result
 
     async def run_async(self, flow: Generator[Op, Any, Any], seen: CallObserver | None = None) -> Any:
         """Drive a flow with asyncio I/O."""
@@ -631,13 +682,17 @@ class Runtime:
         if isinstance(op, Db):
             return await self.ado(op.work)
         if isinstance(op, Invoke):
-            value = op.fn(op.effect)
-            if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
-                value = await value
-            return value
+            started = time.monotonic()
+            try:
+                value = op.fn(op.effect)
+                if type(value) not in _PLAIN and hasattr(type(value), "__await__"):
+                    value = await value
+            except BaseException as e:
+                return None, e, utcnow(), time.monotonic() - started
+            return value, None, utcnow(), time.monotonic() - started
         if isinstance(op, Sleep):
             await asyncio.sleep(op.seconds)
-            return None
+            return utcnow(), time.monotonic()
         if isinstance(op, Beat):
             return asyncio.get_running_loop().create_task(self._abeat(op))
         if isinstance(op, StopBeat):
@@ -649,7 +704,26 @@ class Runtime:
             if self.approvals is not None:
                 await self.approvals.anotify_request(op.approval)
             return None
+        if isinstance(op, Unit):
+            return await self._aunit(op)
         return self._perform(op)
+
+    async def _aunit(self, op: Unit) -> Any:
+        """Drive ``op.steps`` inside one write transaction on the async engine."""
+        await self.aensure_schema()
+        steps = op.steps
+        with _mapped(op.label):
+            async with self.aengine.connect() as conn, conn.begin():
+                send: Any = None
+                while True:
+                    try:
+                        item = steps.send(send)
+                    except StopIteration as stop:
+                        return stop.value
+                    if isinstance(item, OwnerGone):
+                        send = owner_gone(item.owner)
+                    else:
+                        send = await self._asteps(conn, item)
 
     async def _abeat(self, op: Beat) -> None:
         """The async driver's heartbeat: a task per claim (the sync driver's is one shared thread)."""
@@ -697,6 +771,10 @@ class Runtime:
     async def aclose(self) -> None:
         """``close()`` plus disposing the async engine."""
         self.close()
+        await self.aclose_loop()
+
+    async def aclose_loop(self) -> None:
+        """Dispose the async engine and connections of the running event loop (they cannot outlive it)."""
         loop = asyncio.get_running_loop()
         eng = self._aengines.pop(loop, None)
         if eng is not None:
@@ -725,6 +803,20 @@ class Runtime:
         self._replays = _ReplayBuffer(self)
         self._lock = threading.Lock()
         self._schema_lock = threading.Lock()
+
+
+# Types a handler commonly returns that are never awaitable: checked first, because looking up a missing
+# ``__await__`` (what inspect.isawaitable does too) costs a few hundred ns per call.
+_PLAIN = frozenset({dict, list, str, int, float, bool, type(None), tuple, bytes})
+
+
+def _refused_awaitable(op: Invoke, value: Any) -> _AwaitableInSyncCall:
+    """The error for an awaitable returned in a sync call; an unstarted coroutine is closed (it never ran)."""
+    started = True
+    if inspect.iscoroutine(value) and inspect.getcoroutinestate(value) == inspect.CORO_CREATED:
+        value.close()
+        started = False
+    return _AwaitableInSyncCall(op.effect.tool, op.role, value, started, op.effect.key)
 
 
 class _Heartbeats:

@@ -847,6 +847,23 @@ class Store:
             return Work(((self._complete, op.binds()),), label=event, fast=op)
         return Work(((self._complete, op.binds()), (self._event, op.audit_binds())), label=event, fast=op)
 
+    def finish_audited(self, *, kind: str, **finish: Any) -> Work:
+        """``finish`` (same arguments) plus an audit row of ``kind`` carrying its ``detail``, in one
+        transaction: for an outcome whose detail must reach the audit trail even though ``finish``
+        writes none for it (a success found by a reconcile callback). Not a hot unit."""
+        (complete, *_rest) = self.finish(**finish).steps
+        audit = self._event_params(
+            finish["key"],
+            finish["workflow_id"],
+            finish["tool"],
+            kind,
+            finish["attempt"],
+            finish["owner"],
+            finish["now"],
+            finish.get("detail"),
+        )
+        return Work((complete, (self._event, _p(audit))), label=kind)
+
     def mark_unknown(self, *, row: Row, now: datetime, by: str, detail: Mapping[str, Any]) -> Work:
         """Record that the observed attempt's outcome is unknown (its owner died or its lease ran out)."""
         params = {

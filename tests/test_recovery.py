@@ -16,6 +16,7 @@ from _workers import stale_claim
 
 from agent_ledger import (
     NOT_EXECUTED,
+    ConfigurationError,
     Effect,
     InProgress,
     Ledger,
@@ -350,3 +351,136 @@ async def test_heartbeats_stop_once_the_claim_is_lost(
     assert runs == 1
     await holder.aclose()
     await other.aclose()
+
+
+# -- recovery through the flow, under either driver --------------------------------------------
+
+
+def _reconcile_events(ledger: Ledger, key: str) -> list[dict[str, Any]]:
+    return [dict(e.detail or {}) for e in ledger.events(key=key) if e.kind == "reconciled"]
+
+
+def test_reconcile_details_reach_the_audit_trail_in_a_call(ledger: Ledger) -> None:
+    stale_claim(ledger, CALL)
+    runs = 0
+
+    def charge(amount: int) -> str:
+        nonlocal runs
+        runs += 1
+        return "ch_new"
+
+    assert ledger.run(CALL, handler=charge, reconcile=lambda effect: {"charge": "ch_found"}) == {"charge": "ch_found"}
+    (found,) = _reconcile_events(ledger, KEY)
+    assert found["reconciled"] is True and found["via"] == "call" and found["evidence"] == {"charge": "ch_found"}
+    assert runs == 0
+
+
+async def test_recover_inside_a_running_loop_refuses_and_arecover_reconciles(ledger: Ledger) -> None:
+    """The bug: recover() in a running loop marked the effect unknown (asyncio.run() cannot run there)."""
+    asked = runs = 0
+
+    async def lookup(effect: Effect) -> dict[str, Any]:
+        nonlocal asked
+        asked += 1
+        await asyncio.sleep(0)
+        return {"found": effect.args["n"], "attempt": effect.attempt}
+
+    @ledger.tool("bank.transfer", reconcile=lookup)
+    async def transfer(n: int) -> dict[str, int]:
+        nonlocal runs
+        runs += 1
+        return {"ran": n}
+
+    key = stale_claim(ledger, ToolCall(workflow_id="wf", tool="bank.transfer", args={"n": 2}))
+    with pytest.raises(ConfigurationError, match="arecover"):
+        ledger.recover()
+    assert ledger.effect(key).status is Status.RUNNING  # type: ignore[union-attr]  # untouched, not unknown
+    report = await ledger.arecover()
+    assert report.reconciled == [key] and not report.failed and report.examined == 1
+    (found,) = _reconcile_events(ledger, key)
+    assert found["reconciled"] is True and found["via"] == "recover"
+    assert found["evidence"] == {"found": 2, "attempt": 2}
+    with ledger.workflow("wf"):
+        assert await transfer(2) == {"found": 2, "attempt": 2}
+    assert (asked, runs) == (1, 0)
+    assert (await ledger.arecover()).examined == 0
+    await ledger.aclose()
+
+
+def test_recover_outside_a_loop_awaits_async_reconciles(ledger: Ledger) -> None:
+    asked = 0
+
+    async def lookup(effect: Effect) -> Any:
+        nonlocal asked
+        asked += 1
+        return NOT_EXECUTED
+
+    @ledger.tool("mail.send", reconcile=lookup)
+    async def send(n: int) -> str:
+        return "sent"
+
+    key = stale_claim(ledger, ToolCall(workflow_id="wf", tool="mail.send", args={"n": 3}))
+    report = ledger.recover()
+    assert report.released == [key] and asked == 1
+    assert ledger.effect(key).status is Status.PENDING  # type: ignore[union-attr]
+    (note,) = _reconcile_events(ledger, key)
+    assert note["reconciled"] is False and note["via"] == "recover"
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_recover_settles_each_outcome_through_the_flow(ledger: Ledger, driver: str) -> None:
+    """found / NOT_EXECUTED / raised / no callback, each reconcile asked once and no handler run."""
+    asked: dict[str, int] = {}
+    runs = 0
+
+    def asking(name: str, answer: Any) -> Callable[[Effect], Any]:
+        def reconcile(effect: Effect) -> Any:
+            asked[name] = asked.get(name, 0) + 1
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+
+        return reconcile
+
+    def handler(n: int) -> str:
+        nonlocal runs
+        runs += 1
+        return "ran"
+
+    for name, answer in (
+        ("found", {"receipt": "r-1"}),
+        ("absent", NOT_EXECUTED),
+        ("broken", TimeoutError("lookup timed out")),
+    ):
+        ledger.tool(f"t.{name}", reconcile=asking(name, answer), retention=3600)(handler)
+    keys = {
+        name: stale_claim(ledger, ToolCall(workflow_id="wf", tool=f"t.{name}", args={"n": 1}))
+        for name in ("found", "absent", "broken", "plain")
+    }
+
+    async def arecover() -> Any:
+        try:
+            return await ledger.arecover(batch_size=3)
+        finally:
+            await ledger.aclose()
+
+    report = ledger.recover(batch_size=3) if driver == "sync" else asyncio.run(arecover())
+    assert report.reconciled == [keys["found"]] and report.released == [keys["absent"]]
+    assert report.marked_unknown == [keys["plain"]] and report.examined == 4
+    assert report.failed == {keys["broken"]: "TimeoutError: lookup timed out"}
+    assert asked == {"found": 1, "absent": 1, "broken": 1} and runs == 0
+    status = {r.key: r.status for r in ledger.history("wf")}
+    assert status == {
+        keys["found"]: Status.SUCCEEDED,
+        keys["absent"]: Status.PENDING,
+        keys["broken"]: Status.UNKNOWN,
+        keys["plain"]: Status.UNKNOWN,
+    }
+    found = ledger.effect(keys["found"])
+    assert found is not None and found.result == {"receipt": "r-1"}
+    (ev,) = _reconcile_events(ledger, keys["found"])
+    assert ev["via"] == "recover" and ev["evidence"] == {"receipt": "r-1"}
+    broken = [e.detail for e in ledger.events(key=keys["broken"]) if e.kind == "unknown"]
+    assert broken and broken[0] and broken[0]["via"] == "recover" and "lookup timed out" in broken[0]["reconcile_error"]
+    assert ledger.recover().examined == 0
+    assert asked == {"found": 1, "absent": 1, "broken": 1} and runs == 0
