@@ -756,7 +756,7 @@ def _reconcile(plan: Plan, effect: Effect, finish: dict[str, Any], via: str) -> 
         # Reconciliation itself failed: the outcome is as unknown as before. Never guess.
         detail: dict[str, Any] = {"reconciled": None, "via": via}
         if isinstance(exc, Exception):
-            detail["reconcile_error"] = storable(_scrub(plan, repr(exc)) or "")
+            detail["reconcile_error"] = storable(_scrub(plan, f"{type(exc).__name__}: {exc}") or "")
         else:
             detail["interrupted"] = type(exc).__name__
         yield from _record(plan, "mark_unknown", finish, detail, now, error=_describe(plan, exc))

@@ -41,7 +41,7 @@ from agent_ledger._flow import (
 )
 from agent_ledger._keys import normalise, payload_hash
 from agent_ledger._schema import build_tables
-from agent_ledger._store import Store, Work
+from agent_ledger._store import ClaimOrLoad, Finish, Store, Work
 from agent_ledger.errors import ApprovalPending, InProgress, OutcomeUnknown
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -159,7 +159,7 @@ def ran(value: Any = None, error: BaseException | None = None, at: datetime = T0
 def test_a_new_call_claims_runs_and_records_in_one_pass() -> None:
     s = Script(execute(plan()))
     claim = s.expect(Db, "claim").work
-    assert claim.fast == "claim_or_load" and params(claim)["p_now"] == T0
+    assert isinstance(claim.fast, ClaimOrLoad) and params(claim)["p_now"] == T0
     assert params(claim)["p_lease_expires_at"] == T0 + timedelta(seconds=30)
     s.send({"claimed": True})
     beat = s.expect(Beat)
@@ -247,7 +247,7 @@ def test_a_fenced_completion_becomes_a_late_completion(outcome: str) -> None:
         s.send(ran("mine", at=done, took=40.0))
     else:
         s.send(ran(error=ValueError("declined"), at=done, took=40.0))
-    assert s.expect(Db, outcome).work.fast == "finish"
+    assert isinstance(s.expect(Db, outcome).work.fast, Finish)
     s.send(0)  # fenced off: our lease was taken over while the handler ran
     late = s.expect(Db, "late_completion").work
     detail = audit(late)["p_detail"]
@@ -365,7 +365,7 @@ def test_an_awaitable_in_a_sync_call_is_recorded_honestly(started: bool) -> None
     refused = _AwaitableInSyncCall("charge", "handler", object(), started)
     s.send(ran(error=refused))
     if started:  # a task or future may be running: nobody knows whether the side effect happens
-        assert s.expect(Db, "mark_unknown").work.fast == "finish"
+        assert isinstance(s.expect(Db, "mark_unknown").work.fast, Finish)
     else:  # an unstarted coroutine was closed: nothing ran, the next call runs the handler
         released = s.expect(Db, "resolve_retry").work
         assert params(released)["p_expected_status"] == "running" and params(released)["p_status"] == "pending"

@@ -248,7 +248,7 @@ def test_hostile_decisions_from_the_python_api(make_ledger: Callable[..., Ledger
 
 def _doc_block() -> str:
     text = (Path(__file__).parent.parent / "docs" / "channels.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    blocks = re.findall(r"```python[^\n]*\n(.*?)```", text, re.S)
     (block,) = [b for b in blocks if "BaseHTTPRequestHandler" in b]
     return block
 
