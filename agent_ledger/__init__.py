@@ -5,6 +5,7 @@ succeeded returns the recorded result without running the handler; only one work
 crash mid-call is never silently re-executed; everything is an audit row in SQLite or Postgres.
 """
 
+from ._context import current_effect
 from ._decide import TRANSITIONS
 from ._flow import NOT_EXECUTED
 from ._keys import compute_key, payload_hash
@@ -84,6 +85,7 @@ __all__ = [
     "Workflow",
     "__version__",
     "compute_key",
+    "current_effect",
     "current_workflow",
     "migrations_path",
     "payload_hash",

@@ -32,6 +32,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, exc, select
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from ._context import _current as _current_effect
 from ._fast import HOP, AsyncPool, Hot, SyncPool, install_idle_ping
 from ._flow import (
     Beat,
@@ -614,14 +615,18 @@ class Runtime:
         if isinstance(op, Db):
             return self.do(op.work)
         if isinstance(op, Invoke):
-            started = time.monotonic()
+            token = _current_effect.set(op.effect)  # current_effect() for the handler's own code
             try:
-                value = op.fn(op.effect)
-            except BaseException as e:
-                return None, e, utcnow(), time.monotonic() - started
-            if type(value) not in _PLAIN and hasattr(type(value), "__await__"):
-                return None, _refused_awaitable(op, value), utcnow(), time.monotonic() - started
-            return value, None, utcnow(), time.monotonic() - started
+                started = time.monotonic()
+                try:
+                    value = op.fn(op.effect)
+                except BaseException as e:
+                    return None, e, utcnow(), time.monotonic() - started
+                if type(value) not in _PLAIN and hasattr(type(value), "__await__"):
+                    return None, _refused_awaitable(op, value), utcnow(), time.monotonic() - started
+                return value, None, utcnow(), time.monotonic() - started
+            finally:
+                _current_effect.reset(token)
         if isinstance(op, Replayed):
             self._replays.add(op.event)
             return None
@@ -682,14 +687,18 @@ class Runtime:
         if isinstance(op, Db):
             return await self.ado(op.work)
         if isinstance(op, Invoke):
-            started = time.monotonic()
+            token = _current_effect.set(op.effect)  # current_effect() for the handler's own code
             try:
-                value = op.fn(op.effect)
-                if type(value) not in _PLAIN and hasattr(type(value), "__await__"):
-                    value = await value
-            except BaseException as e:
-                return None, e, utcnow(), time.monotonic() - started
-            return value, None, utcnow(), time.monotonic() - started
+                started = time.monotonic()
+                try:
+                    value = op.fn(op.effect)
+                    if type(value) not in _PLAIN and hasattr(type(value), "__await__"):
+                        value = await value
+                except BaseException as e:
+                    return None, e, utcnow(), time.monotonic() - started
+                return value, None, utcnow(), time.monotonic() - started
+            finally:
+                _current_effect.reset(token)
         if isinstance(op, Sleep):
             await asyncio.sleep(op.seconds)
             return utcnow(), time.monotonic()
