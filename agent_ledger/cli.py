@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -146,6 +147,24 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--json", action="store_true", help="print the report as JSON")
     _url_option(rec)
 
+    proxy = sub.add_parser(
+        "mcp-proxy",
+        help="an MCP server (stdio) in front of another one: each tool call runs once (needs agent-ledger[mcp])",
+        description="Start the upstream MCP server COMMAND (stdio) and serve its tools on stdin/stdout; each "
+        "tools/call goes through the ledger. The workflow id is the request's _meta['agent-ledger/workflow-id'], "
+        "else --workflow; with neither the call is refused.",
+    )
+    proxy.add_argument("--workflow", help="workflow id for calls whose _meta names none")
+    proxy.add_argument(
+        "--require-approval", nargs="+", default=[], metavar="TOOL", help="tools that need a human approval first"
+    )
+    proxy.add_argument(
+        "--approve-destructive", action="store_true", help="also require approval for tools annotated destructiveHint"
+    )
+    proxy.add_argument("--approvers", nargs="+", default=None, metavar="NAME", help="who may decide (default: anyone)")
+    proxy.add_argument("upstream", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the upstream server")
+    _url_option(proxy)
+
     res = sub.add_parser("resolve", help="settle an effect whose outcome is unknown")
     res.add_argument("key")
     how = res.add_mutually_exclusive_group(required=True)
@@ -268,6 +287,37 @@ def _approvals(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _mcp_proxy(ns: argparse.Namespace) -> int:
+    command = list(ns.upstream)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigurationError("mcp-proxy needs the upstream server's command after --, e.g. -- python server.py")
+    try:
+        import anyio
+        from mcp import StdioServerParameters
+
+        from .adapters.mcp import serve_stdio
+    except ImportError as e:
+        raise ConfigurationError(f"mcp-proxy needs the mcp extra: pip install 'agent-ledger[mcp]' ({e})") from e
+    # The upstream inherits this environment (it is the user's server), minus the ledger's database URL.
+    env = {k: v for k, v in os.environ.items() if k != "AGENT_LEDGER_URL"}
+    params = StdioServerParameters(command=command[0], args=command[1:], env=env)
+    with _ledger(ns) as ledger:
+        anyio.run(
+            functools.partial(
+                serve_stdio,
+                ledger,
+                params,
+                workflow_id=ns.workflow,
+                require_approval=ns.require_approval,
+                approve_destructive=ns.approve_destructive,
+                approvers=ns.approvers,
+            )
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agent-ledger`` command; returns the exit code."""
     try:
@@ -313,6 +363,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _export(ns)
         if ns.command == "approvals":
             return _approvals(ns)
+        if ns.command == "mcp-proxy":
+            return _mcp_proxy(ns)
         if ns.command == "recover":
             with _ledger(ns) as ledger:
                 report = ledger.recover(batch_size=ns.batch_size)
