@@ -114,3 +114,20 @@ def test_importing_the_library_loads_no_http_client() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["[]", "True"]
+
+
+def test_the_core_imports_neither_mcp_nor_pydantic_ai() -> None:
+    """The MCP and Pydantic AI adapters are optional extras: the core, the CLI and the other adapters load
+    neither SDK (nor does current_effect); only their own adapter modules do."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, agent_ledger, agent_ledger.adapters, agent_ledger.cli, agent_ledger.downstream; "
+        "agent_ledger.current_effect(); "
+        "print(sorted(m for m in ('mcp', 'mcp_types', 'pydantic_ai') if m in sys.modules)); "
+        "import agent_ledger.adapters.mcp, agent_ledger.adapters.pydantic_ai; "
+        "print(sorted(m for m in ('mcp', 'pydantic_ai') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "['mcp', 'pydantic_ai']"]

@@ -42,7 +42,6 @@ __all__ = [
     "WORKFLOW_ID_META",
     "LedgerClientSession",
     "McpGateway",
-    "UpstreamToolError",
     "serve_stdio",
 ]
 
@@ -54,7 +53,7 @@ IDEMPOTENCY_KEY_META = "agent-ledger/idempotency-key"
 _MAX_WORKFLOW_ID = 255
 
 
-class UpstreamToolError(Exception):
+class _UpstreamToolError(Exception):
     """The upstream answered the call with ``isError``: recorded as the call's failure.
 
     ``result`` is the upstream's own ``CallToolResult``; the message is its text content, which is what
@@ -145,7 +144,7 @@ class _Forwarder:
             self.down = True
             raise _UpstreamLost(tool, e) from e
         if result.is_error:
-            raise UpstreamToolError(tool, result)
+            raise _UpstreamToolError(tool, result)
         return result.model_dump(mode="json", by_alias=True, exclude_none=True)
 
     async def call(
@@ -155,7 +154,7 @@ class _Forwarder:
         call = ToolCall(workflow_id=workflow_id, tool=tool, args=dict(arguments or {}))
         try:
             data = await self.ledger.arun(call, self.handler(tool), **self.options_for(tool, extra))
-        except UpstreamToolError as e:
+        except _UpstreamToolError as e:
             return e.result
         except RecordedError as e:
             # A failure replayed by on_error="replay": answer as the upstream did, with its text.
