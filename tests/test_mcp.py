@@ -304,3 +304,14 @@ async def test_gateway_in_process_rejects_bad_setup(make_ledger: Callable[..., L
             McpGateway(led, raw, require_approval="charge")
         with pytest.raises(TypeError):
             McpGateway("sqlite://", raw)  # type: ignore[arg-type]
+
+
+def test_mcp_proxy_usage_errors(sqlite_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "agent_ledger", "mcp-proxy"]
+    missing = subprocess.run([*base, "--url", sqlite_url, "--"], env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "command after --" in missing.stderr
+    nodb = f"sqlite:///{tmp_path / 'nope.db'}"
+    r = subprocess.run([*base, "--url", nodb, "--", sys.executable, UPSTREAM], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "no ledger database" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "nope.db").exists()

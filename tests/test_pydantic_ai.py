@@ -62,7 +62,8 @@ def test_test_model_calls_every_tool_once_per_workflow(ledger: Ledger) -> None:
 
 def test_a_crash_between_two_tool_calls_resumes_without_repeating_the_first(db_url: str, tmp_path: Path) -> None:
     log = tmp_path / "log"
-    Ledger(db_url).close()  # migrated
+    with Ledger(db_url) as led:
+        led.migrate()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     script = str(ROOT / "tests" / "_pai_agent.py")
     crashed = subprocess.run([sys.executable, script, db_url, str(log), "wf-crash", "crash"], env=env, timeout=120)
