@@ -61,6 +61,20 @@ def test_current_effect_is_set_only_inside_a_sync_handler(ledger: Ledger) -> Non
     assert current_effect() is None
 
 
+def test_current_effect_inside_a_step(ledger: Ledger) -> None:
+    seen: list[str] = []
+
+    def turn(prompt: str) -> str:
+        effect = current_effect()
+        assert effect is not None
+        seen.append(effect.tool)
+        return prompt.upper()
+
+    with ledger.workflow("wf-step"):
+        assert ledger.step("model", turn, "hi") == "HI"
+    assert seen == ["agent_ledger.step"] and current_effect() is None  # steps share one tool name
+
+
 def test_current_effect_is_reset_after_a_failing_handler(ledger: Ledger) -> None:
     @ledger.tool("boom")
     def boom() -> None:

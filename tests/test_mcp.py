@@ -261,6 +261,10 @@ async def test_client_session_wrapper_runs_once(make_ledger: Callable[..., Ledge
             one = await s.call_tool("charge", {"amount": 3})
             two = await s.call_tool("charge", {"amount": 3})
         three = await LedgerClientSession(led, raw, workflow_id="wf-other").call_tool("charge", {"amount": 3})
+        # Argument names are the server's business: 'effect' (reserved by ledger handlers) passes through.
+        odd = LedgerClientSession(led, raw, workflow_id="wf-odd")
+        assert not (await odd.call_tool("peek", {"effect": 1, "a-b": 2})).is_error
+        assert executions(log, "peek")[0]["args"] == {"effect": 1, "a-b": 2}
         assert (await s.list_tools()).tools  # other attributes are the session's
     assert text(one) == text(two) and text(three) != text(one)
     runs = executions(log, "charge")
