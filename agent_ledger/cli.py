@@ -304,18 +304,36 @@ def _mcp_proxy(ns: argparse.Namespace) -> int:
     env = {k: v for k, v in os.environ.items() if k != "AGENT_LEDGER_URL"}
     params = StdioServerParameters(command=command[0], args=command[1:], env=env)
     with _ledger(ns) as ledger:
-        anyio.run(
-            functools.partial(
-                serve_stdio,
-                ledger,
-                params,
-                workflow_id=ns.workflow,
-                require_approval=ns.require_approval,
-                approve_destructive=ns.approve_destructive,
-                approvers=ns.approvers,
+        try:
+            anyio.run(
+                functools.partial(
+                    serve_stdio,
+                    ledger,
+                    params,
+                    workflow_id=ns.workflow,
+                    require_approval=ns.require_approval,
+                    approve_destructive=ns.approve_destructive,
+                    approvers=ns.approvers,
+                )
             )
-        )
+        except Exception as raised:
+            leaf: BaseException = raised
+            inner = getattr(leaf, "exceptions", None)
+            while isinstance(inner, tuple) and len(inner) == 1:  # anyio's task groups wrap the start's error
+                leaf = inner[0]
+                inner = getattr(leaf, "exceptions", None)
+            if isinstance(leaf, LedgerError) or not isinstance(leaf, (OSError, RuntimeError, _mcp_error())):
+                raise
+            why = getattr(leaf, "message", None) or str(leaf) or type(leaf).__name__
+            print(f"agent-ledger: the upstream MCP server {command[0]!r} failed: {why}", file=sys.stderr)
+            return 1
     return 0
+
+
+def _mcp_error() -> type[Exception]:
+    from mcp.shared.exceptions import MCPError
+
+    return MCPError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -311,6 +311,8 @@ async def test_gateway_in_process_rejects_bad_setup(make_ledger: Callable[..., L
 
 
 def test_mcp_proxy_usage_errors(sqlite_url: str, tmp_path: Path) -> None:
+    with Ledger(sqlite_url) as led:
+        led.migrate()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-m", "agent_ledger", "mcp-proxy"]
     missing = subprocess.run([*base, "--url", sqlite_url, "--"], env=env, capture_output=True, text=True, timeout=60)
@@ -319,3 +321,13 @@ def test_mcp_proxy_usage_errors(sqlite_url: str, tmp_path: Path) -> None:
     r = subprocess.run([*base, "--url", nodb, "--", sys.executable, UPSTREAM], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "no ledger database" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "nope.db").exists()
+    for upstream in (str(tmp_path / "no-such-server"), "false"):  # cannot start; exits before answering
+        r = subprocess.run(
+            [*base, "--url", sqlite_url, "--workflow", "w", "--", upstream],
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+        assert r.returncode == 1 and "upstream MCP server" in r.stderr and "Traceback" not in r.stderr, r.stderr
