@@ -35,7 +35,7 @@ from mcp.shared.exceptions import MCPError
 from .._context import current_effect
 from .._ledger import CallOptions, Ledger, current_workflow
 from .._models import ToolCall
-from ..errors import ApprovalPending, LedgerError, NoWorkflow, OutcomeUnknown, RecordedError
+from ..errors import ApprovalPending, LedgerError, NoWorkflow, RecordedError
 
 __all__ = [
     "IDEMPOTENCY_KEY_META",
@@ -264,9 +264,7 @@ class McpGateway:
                 f"{e} The outcome of this call is unknown (it may have run); it will not be repeated. "
                 "Check the upstream system, then settle it with `agent-ledger resolve`."
             )
-        except OutcomeUnknown as e:
-            return _error(str(e))
-        except LedgerError as e:
+        except LedgerError as e:  # rejected, unknown outcome, still running elsewhere, payload mismatch...
             return _error(str(e))
         except _UpstreamDown as e:
             return _error(str(e))
