@@ -15,6 +15,17 @@ invent a move. ``decide()`` maps (stored row, request, time) to one ``Decision``
                      unknown / failed / running --resolve_error---> failed
                      unknown / failed / running --resolve_retry---> pending --retry--> running
                      pending --resolve_result / resolve_error--> succeeded / failed
+
+An approval request has its own table, ``APPROVAL_TRANSITIONS``, checked by ``approval_transition()``:
+every status the storage layer writes on an approval is one of its entries. ``judge_vote()`` decides
+whether a human's vote may be recorded and what it does (pure, like ``decide``)::
+
+    (new) --request--> pending --vote--> pending       (an approval short of the quorum)
+                       pending --approve--> approved   (the approval that reaches the quorum)
+                       pending --reject---> rejected   (one veto)
+                       pending / approved --expire----> expired
+                       pending / approved --supersede-> superseded (the key ran with another payload)
+                       approved --consume--> consumed  (together with the claim)
 """
 
 from __future__ import annotations
@@ -25,10 +36,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 from ._keys import diff_fields
-from ._models import Status
+from ._models import ApprovalStatus, Status
 from .errors import IllegalTransition
 
 __all__ = [
+    "APPROVAL_TRANSITIONS",
     "TRANSITIONS",
     "Claim",
     "Decision",
@@ -41,6 +53,11 @@ __all__ = [
     "Row",
     "Wait",
     "ApprovalStep",
+    "Vote",
+    "VoteRefused",
+    "approval_sources",
+    "approval_transition",
+    "judge_vote",
     "decide",
     "decide_approval",
     "error_matches",
@@ -82,6 +99,40 @@ TRANSITIONS: Mapping[Status | None, Mapping[str, Status]] = {
     },
     Status.SUCCEEDED: {},
 }
+
+
+APPROVAL_TRANSITIONS: Mapping[ApprovalStatus | None, Mapping[str, ApprovalStatus]] = {
+    None: {"request": ApprovalStatus.PENDING},
+    ApprovalStatus.PENDING: {
+        "vote": ApprovalStatus.PENDING,
+        "approve": ApprovalStatus.APPROVED,
+        "reject": ApprovalStatus.REJECTED,
+        "expire": ApprovalStatus.EXPIRED,
+        "supersede": ApprovalStatus.SUPERSEDED,
+    },
+    ApprovalStatus.APPROVED: {
+        "consume": ApprovalStatus.CONSUMED,
+        "expire": ApprovalStatus.EXPIRED,
+        "supersede": ApprovalStatus.SUPERSEDED,
+    },
+    ApprovalStatus.REJECTED: {},
+    ApprovalStatus.EXPIRED: {},
+    ApprovalStatus.SUPERSEDED: {},
+    ApprovalStatus.CONSUMED: {},
+}
+
+
+def approval_transition(state: ApprovalStatus | None, event: str) -> ApprovalStatus:
+    """The approval status ``event`` leads to from ``state``; ``IllegalTransition`` if there is none."""
+    try:
+        return APPROVAL_TRANSITIONS[state][event]
+    except KeyError:
+        raise IllegalTransition(state.value if state else None, event) from None
+
+
+def approval_sources(event: str) -> tuple[str, ...]:
+    """The stored statuses (values) from which ``event`` may move an approval, for a fenced statement."""
+    return tuple(s.value for s, moves in APPROVAL_TRANSITIONS.items() if s is not None and event in moves)
 
 
 def transition(state: Status | None, event: str) -> Status:
@@ -253,3 +304,57 @@ def decide_approval(
     if status == "rejected":
         return "rejected"
     return "request"  # consumed or expired
+
+
+@dataclass(frozen=True)
+class Vote:
+    """A vote that may be recorded: ``event`` is ``vote`` (short of the quorum), ``approve`` (it reaches
+    the quorum, as far as the stored snapshot shows: the storage layer counts again under the row's lock)
+    or ``reject`` (a veto)."""
+
+    event: Literal["vote", "approve", "reject"]
+
+
+@dataclass(frozen=True)
+class VoteRefused:
+    """A vote that must not be recorded, and why (the ``ApprovalRefused`` message, audited)."""
+
+    why: str
+
+
+def judge_vote(
+    approval: Mapping[str, Any],
+    *,
+    decision: Literal["approve", "reject"],
+    by: str,
+    now: datetime,
+    ran_with: str | None,
+) -> Vote | VoteRefused:
+    """Whether ``by`` may approve or reject the stored request ``approval`` at ``now``, and what it does.
+
+    ``ran_with`` is the payload hash the request's key executed with (None: it has not run). The rules,
+    in order: a request whose key ran with other arguments is superseded; only an open (pending,
+    unexpired) request takes votes; the requester never decides their own request; the stored
+    approvers are an allowlist; one vote per person. One rejection rejects; ``quorum`` approvals approve.
+    """
+    status = ApprovalStatus(approval["status"])
+    if status is ApprovalStatus.SUPERSEDED or (
+        ran_with is not None and ran_with != approval["payload_hash"] and "supersede" in APPROVAL_TRANSITIONS[status]
+    ):
+        return VoteRefused("superseded: the call ran with other arguments")
+    if status is not ApprovalStatus.PENDING:
+        return VoteRefused(f"it is already {status.value} (by {approval['decided_by'] or 'nobody'})")
+    if approval["expires_at"] <= now:
+        return VoteRefused(f"it expired at {approval['expires_at'].isoformat()}")
+    if approval.get("requested_by") is not None and by == approval["requested_by"]:
+        return VoteRefused(f"{by!r} requested this call and may not decide on it (separation of duties)")
+    approvers = approval["approvers"]
+    if approvers is not None and by not in approvers:
+        return VoteRefused(f"{by!r} may not decide on tool {approval['tool']!r}; its approvers are {approvers}")
+    approved_by = list(approval.get("approved_by") or [])
+    if by in approved_by:
+        return VoteRefused(f"{by!r} already voted on it (each approver counts once)")
+    if decision == "reject":
+        return Vote("reject")
+    quorum = int(approval.get("quorum") or 1)
+    return Vote("approve" if len(approved_by) + 1 >= quorum else "vote")

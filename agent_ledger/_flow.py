@@ -74,6 +74,7 @@ __all__ = [
     "Replayed",
     "Sleep",
     "StopBeat",
+    "Supersede",
     "Sweep",
     "Unit",
     "describe_error",
@@ -243,6 +244,15 @@ class Notify:
 
 
 @dataclass(slots=True)
+class Supersede:
+    """The key was claimed with ``payload_hash``: supersede its open approval requests for other payloads
+    (audited, channels told)."""
+
+    key: str
+    payload_hash: str
+
+
+@dataclass(slots=True)
 class Replayed:
     """Note a replay in the audit trail (batched by the driver, off the hot path)."""
 
@@ -261,7 +271,7 @@ class Unit:
     label: str = "unit"
 
 
-Op = Db | Invoke | Sleep | Beat | StopBeat | Replayed | Notify | Now | OwnerGone | NewId | Unit
+Op = Db | Invoke | Sleep | Beat | StopBeat | Replayed | Notify | Now | OwnerGone | NewId | Unit | Supersede
 Clock = tuple[datetime, float]
 
 
@@ -296,6 +306,9 @@ class Plan:
     now: datetime | None = None
     """When the call starts, read by the driver's side just before driving the flow (None: the flow asks
     with ``Now``)."""
+    supersedes: bool = False
+    """The tool asks for approvals: once this call claims its key, open requests for the key with other
+    arguments are superseded (``Supersede``)."""
 
 
 @dataclass(frozen=True)
@@ -304,7 +317,12 @@ class ApprovalPolicy:
 
     ttl: float
     approvers: tuple[str, ...] | None
+    """Who may decide, as resolved for this call (None: anyone)."""
     wait: float
+    quorum: int = 1
+    """How many approvals from distinct approvers the request needs."""
+    requested_by: str | None = None
+    """On whose behalf the call is made (``ledger.workflow(..., on_behalf_of=...)``): they may not decide."""
 
 
 # -- results and errors -----------------------------------------------------------------------
@@ -411,6 +429,8 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
         # a new call one read and the claim on the same pooled connection.
         found = yield Db(store.claim_or_load(**_claim(plan, now)))
         if found is not None and found.pop("claimed"):
+            if plan.supersedes:
+                yield Supersede(plan.key, plan.payload_hash)
             return (yield from _run_claimed(plan, 1, False))
     else:
         found = yield Db(store.load(plan.key))
@@ -533,6 +553,8 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
                 found = yield Db(store.load(plan.key))
                 continue
             attempt = row.attempt + 1
+        if plan.supersedes:
+            yield Supersede(plan.key, plan.payload_hash)
         return (yield from _run_claimed(plan, attempt, decision.event == "reconcile", approval_id))
 
 
@@ -586,6 +608,8 @@ def _approval_gate(plan: Plan) -> Generator[Op, Any, tuple[str, datetime]]:
                     now=now,
                     expires_at=now + timedelta(seconds=policy.ttl),
                     actor=plan.owner,
+                    quorum=policy.quorum,
+                    requested_by=policy.requested_by,
                 )
             )
             if created is not None:

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import inspect
 import os
@@ -106,6 +107,7 @@ class _WorkflowState:
 
     workflow_id: str
     next_step: int = 0
+    on_behalf_of: str | None = None
 
 
 _workflow: contextvars.ContextVar[_WorkflowState | None] = contextvars.ContextVar("agent_ledger_workflow", default=None)
@@ -142,22 +144,27 @@ class Workflow:
 
     It is a context variable: it holds across ``await`` and is inherited by tasks created inside it
     (and by ``asyncio.to_thread``), but not by threads: run tools in a thread pool with
-    ``wf.submit(executor, fn, *args)``.
+    ``wf.submit(executor, fn, *args)``. ``on_behalf_of`` names the person the agent acts for: approval
+    requests made inside carry it as ``Approval.requested_by``, and that person may not approve or
+    reject them.
     """
 
-    def __init__(self, workflow_id: str) -> None:
+    def __init__(self, workflow_id: str, on_behalf_of: str | None = None) -> None:
         if not isinstance(workflow_id, str) or not workflow_id or len(workflow_id) > 255:
             raise InvalidArguments(
                 f"workflow id must be a non-empty string of at most 255 characters, not {workflow_id!r}"
             )
         _check_name(workflow_id, "workflow id")
+        if on_behalf_of is not None:
+            _check_name(on_behalf_of, "on_behalf_of")
         self.workflow_id = workflow_id
+        self.on_behalf_of = on_behalf_of
         self._tokens: list[contextvars.Token[_WorkflowState | None]] = []
         self._states: list[_WorkflowState] = []
 
     def __enter__(self) -> Workflow:
         # Each entry starts counting recorded steps from 0: a re-run after a crash lines up with the first.
-        self._states.append(_WorkflowState(self.workflow_id))
+        self._states.append(_WorkflowState(self.workflow_id, on_behalf_of=self.on_behalf_of))
         self._tokens.append(_workflow.set(self._states[-1]))
         return self
 
@@ -179,7 +186,7 @@ class Workflow:
                 futures = [wf.submit(pool, charge, n) for n in range(3)]
         """
         context = contextvars.copy_context()
-        state = self._states[-1] if self._states else _WorkflowState(self.workflow_id)
+        state = self._states[-1] if self._states else _WorkflowState(self.workflow_id, on_behalf_of=self.on_behalf_of)
         context.run(_workflow.set, state)
 
         def in_workflow() -> R:
@@ -229,8 +236,11 @@ class CallOptions(TypedDict, total=False):
     """How long a second caller waits for a running call (default: the ledger's; 0: don't wait)."""
     requires_approval: bool | Callable[[ToolCall], bool]
     """Ask a human first: ``True``, or a predicate of the call (e.g. ``lambda c: c.args["amount"] > 100``)."""
-    approvers: Iterable[str] | None
-    """Who may decide (user names, Slack user ids, webhook approver names); default anyone."""
+    approvers: Iterable[str] | Callable[[ToolCall], Iterable[str]] | None
+    """Who may decide (user names, Slack user ids, webhook approver names); default anyone. Or a routing
+    rule: a function of the call returning the names (resolved once, stored with the request)."""
+    quorum: int | Callable[[ToolCall], int]
+    """How many approvals from distinct approvers a request needs (default 1), or a function of the call."""
     approval_ttl: float | timedelta
     """How long a request (and an unused approval) stays valid (default 24 h)."""
     approval_wait: float | timedelta
@@ -258,6 +268,10 @@ class _Options:
     result_type: Any
     redact: tuple[str, ...] = ()
     retention: float | None = None
+    route: Callable[[ToolCall], Iterable[str]] | None = None
+    """``approvers=`` as a routing rule (a function of the call), resolved per request."""
+    quorum_rule: Callable[[ToolCall], int] | None = None
+    """``quorum=`` as a function of the call, resolved per request."""
 
     @staticmethod
     def build(options: CallOptions) -> _Options:
@@ -294,11 +308,15 @@ class _Options:
         requires = options.get("requires_approval", False)
         if not (isinstance(requires, bool) or callable(requires)):
             raise ConfigurationError(f"requires_approval must be a bool or a predicate of the call, not {requires!r}")
-        approvers = _names(options.get("approvers"), "approvers", noun="names", empty=False)
-        names = tuple(sorted(set(approvers))) if approvers is not None else None
-        if names is not None and not all(text_problem(a, MAX_NAME) is None for a in names):
+        raw_approvers = options.get("approvers")
+        route = raw_approvers if callable(raw_approvers) else None
+        names = None if route is not None else _approver_names(typing.cast(Any, raw_approvers), "approvers")
+        raw_quorum = options.get("quorum", 1)
+        quorum_rule = raw_quorum if callable(raw_quorum) else None
+        quorum = 1 if quorum_rule is not None else _quorum(raw_quorum, "quorum")
+        if names is not None and quorum > len(names):
             raise ConfigurationError(
-                f"approvers must be names of at most 255 characters, without NUL or lone surrogates, not {approvers!r}"
+                f"quorum={quorum} can never be reached by the {len(names)} approver(s) {list(names)}"
             )
         approval = None
         if requires is not False:
@@ -307,9 +325,10 @@ class _Options:
                 or DEFAULT_APPROVAL_TTL,
                 approvers=names,
                 wait=_seconds(options.get("approval_wait", 0.0), "approval_wait", allow_zero=True) or 0.0,
+                quorum=quorum,
             )
-        elif names is not None or "approval_ttl" in options or "approval_wait" in options:
-            raise ConfigurationError("approvers / approval_ttl / approval_wait need requires_approval=...")
+        elif raw_approvers is not None or any(o in options for o in ("approval_ttl", "approval_wait", "quorum")):
+            raise ConfigurationError("approvers / quorum / approval_ttl / approval_wait need requires_approval=...")
         policy = Policy(
             on_error=on_error or ("replay" if retry else "retry"),
             retry_on=tuple(_qualname(c) for c in retry),
@@ -324,6 +343,8 @@ class _Options:
             reconcile=reconcile,
             requires_approval=requires,
             approval=approval,
+            route=route,
+            quorum_rule=quorum_rule,
             result_type=options.get("result_type", _UNSET),
             redact=_names(options.get("redact"), "redact") or (),
             retention=_seconds(options.get("retention"), "retention", allow_zero=False),
@@ -346,6 +367,23 @@ def _names(
     if (not names and not empty) or not all(isinstance(n, str) and n for n in names):
         raise ConfigurationError(f"{what} must be a {'' if empty else 'non-empty '}list of {noun}, not {value!r}")
     return names
+
+
+def _approver_names(value: Iterable[str] | None, what: str) -> tuple[str, ...] | None:
+    """Approver names, checked (a non-empty list of non-empty strings) and sorted, or None (anyone)."""
+    names = _names(value, what, noun="names", empty=False)
+    if names is not None and not all(text_problem(a, MAX_NAME) is None for a in names):
+        raise ConfigurationError(
+            f"{what}: approvers must be names of at most 255 characters, without NUL or lone surrogates, not {value!r}"
+        )
+    return tuple(sorted(set(names))) if names is not None else None
+
+
+def _quorum(value: Any, what: str) -> int:
+    """A quorum: an int of at least 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{what} must be a whole number of approvals, at least 1, not {value!r}")
+    return value
 
 
 _DEFAULT_OPTIONS = _Options.build({})
@@ -526,9 +564,13 @@ class Ledger:
 
     # -- workflows -------------------------------------------------------------------------
 
-    def workflow(self, workflow_id: str) -> Workflow:
-        """Set the workflow id for decorated tools: ``with ledger.workflow("order-123"): charge(...)``."""
-        return Workflow(workflow_id)
+    def workflow(self, workflow_id: str, *, on_behalf_of: str | None = None) -> Workflow:
+        """Set the workflow id for decorated tools: ``with ledger.workflow("order-123"): charge(...)``.
+
+        ``on_behalf_of="alice"`` records who the agent acts for: approval requests made inside carry
+        ``requested_by="alice"``, and alice may not approve or reject them (separation of duties).
+        """
+        return Workflow(workflow_id, on_behalf_of)
 
     # -- planning --------------------------------------------------------------------------
 
@@ -620,6 +662,7 @@ class Ledger:
             approval=self._approval_for(options, workflow_id, tool, args),
             retention=options.retention,
             redaction=redaction,
+            supersedes=options.requires_approval is not False,
         )
 
     def _redaction_key(self, tool: str) -> bytes:
@@ -637,17 +680,43 @@ class Ledger:
         requires = options.requires_approval
         if requires is False:
             return None
-        if requires is True:
-            return options.approval
-        try:
-            needed = requires(ToolCall(workflow_id=workflow_id, tool=tool, args=dict(args)))
-        except Exception as e:
-            raise ConfigurationError(f"the requires_approval predicate of tool {tool!r} raised {e!r}") from e
-        if not isinstance(needed, bool):
+        call = ToolCall(workflow_id=workflow_id, tool=tool, args=dict(args))
+        if requires is not True:
+            try:
+                needed = requires(call)
+            except Exception as e:
+                raise ConfigurationError(f"the requires_approval predicate of tool {tool!r} raised {e!r}") from e
+            if not isinstance(needed, bool):
+                raise ConfigurationError(
+                    f"the requires_approval predicate of tool {tool!r} returned {needed!r}, not a bool"
+                )
+            if not needed:
+                return None
+        policy = options.approval
+        assert policy is not None
+        state = _workflow.get()
+        requested_by = state.on_behalf_of if state is not None else None
+        if options.route is None and options.quorum_rule is None and requested_by is None:
+            return policy
+        approvers, quorum = policy.approvers, policy.quorum
+        if options.route is not None:
+            try:
+                routed = options.route(call)
+            except Exception as e:
+                raise ConfigurationError(f"the approvers rule of tool {tool!r} raised {e!r}") from e
+            approvers = _approver_names(routed, f"the approvers rule of tool {tool!r}")
+        if options.quorum_rule is not None:
+            try:
+                wanted = options.quorum_rule(call)
+            except Exception as e:
+                raise ConfigurationError(f"the quorum rule of tool {tool!r} raised {e!r}") from e
+            quorum = _quorum(wanted, f"the quorum rule of tool {tool!r}")
+        if approvers is not None and quorum > len(approvers):
             raise ConfigurationError(
-                f"the requires_approval predicate of tool {tool!r} returned {needed!r}, not a bool"
+                f"tool {tool!r}: quorum {quorum} can never be reached by the {len(approvers)} approver(s) "
+                f"{list(approvers)}"
             )
-        return options.approval if needed else None
+        return dataclasses.replace(policy, approvers=approvers, quorum=quorum, requested_by=requested_by)
 
     # -- the explicit form -----------------------------------------------------------------
 

@@ -154,6 +154,8 @@ class ApprovalStatus(str, enum.Enum):
     """Used by one execution; a later execution needs a new approval."""
     EXPIRED = "expired"
     """Not decided (or not used) in time; a later call makes a new request."""
+    SUPERSEDED = "superseded"
+    """Its key ran with other arguments: it can never run, and can no longer be decided."""
 
     def __str__(self) -> str:
         return self.value
@@ -170,13 +172,28 @@ class Approval(BaseModel):
     payload_hash: str
     status: ApprovalStatus
     approvers: list[str] | None = None
-    """Who may decide (``None``: anyone who can reach the API, CLI or channel)."""
+    """Who may decide (``None``: anyone who can reach the API, CLI or channel), as resolved when the
+    request was made (a routing rule changed later does not change it)."""
+    quorum: int = 1
+    """How many approvals from distinct approvers the request needs (one rejection rejects it)."""
+    approved_by: list[str] = Field(default_factory=list)
+    """Who approved so far, in the order their approvals landed."""
+    requested_by: str | None = None
+    """On whose behalf the agent asked (``ledger.workflow(..., on_behalf_of=...)``); they may not decide."""
     requested_at: datetime
     expires_at: datetime
     decided_at: datetime | None = None
     decided_by: str | None = None
+    """Whose decision settled the request (the approval reaching the quorum, or the veto)."""
     reason: str | None = None
     consumed_at: datetime | None = None
+
+    @property
+    def progress(self) -> str:
+        """Quorum progress for people: ``"1 of 2 approvals: alice"``."""
+        names = ", ".join(self.approved_by)
+        noun = "approval" if self.quorum == 1 else "approvals"
+        return f"{len(self.approved_by)} of {self.quorum} {noun}" + (f": {names}" if names else "")
 
 
 def approval_from_row(m: Mapping[str, Any]) -> Approval:
@@ -190,6 +207,9 @@ def approval_from_row(m: Mapping[str, Any]) -> Approval:
         payload_hash=m["payload_hash"],
         status=ApprovalStatus(m["status"]),
         approvers=m["approvers"],
+        quorum=m.get("quorum") or 1,
+        approved_by=m.get("approved_by") or [],
+        requested_by=m.get("requested_by"),
         requested_at=m["requested_at"],
         expires_at=m["expires_at"],
         decided_at=m["decided_at"],

@@ -46,6 +46,7 @@ from ._flow import (
     Replayed,
     Sleep,
     StopBeat,
+    Supersede,
     Unit,
     _AwaitableInSyncCall,
     make_owner,
@@ -545,7 +546,10 @@ class Runtime:
             (stmt, params), *rest = rest
             return _not_claimed(conn.execute(stmt, params).mappings().first())
         out = _outcome(conn.execute(stmt, params), work.returns)
-        if rest and _matched(out, work.returns):
+        if work.then is not None:
+            later, out = work.then(out)
+            rest = list(later)
+        if rest and (work.then is not None or _matched(out, work.returns)):
             for stmt, params in rest:
                 if not conn.execute(stmt, params).rowcount and work.all_or_nothing:
                     raise _NoMatch
@@ -586,7 +590,10 @@ class Runtime:
             (stmt, params), *rest = rest
             return _not_claimed((await conn.execute(stmt, params)).mappings().first())
         out = _outcome(await conn.execute(stmt, params), work.returns)
-        if rest and _matched(out, work.returns):
+        if work.then is not None:
+            later, out = work.then(out)
+            rest = list(later)
+        if rest and (work.then is not None or _matched(out, work.returns)):
             for stmt, params in rest:
                 if not (await conn.execute(stmt, params)).rowcount and work.all_or_nothing:
                     raise _NoMatch
@@ -650,6 +657,10 @@ class Runtime:
             return None
         if isinstance(op, Unit):
             return self._unit(op)
+        if isinstance(op, Supersede):
+            if self.approvals is not None:
+                self.approvals.supersede_others(op.key, op.payload_hash)
+            return None
         raise AssertionError(f"unknown operation {op!r}")  # pragma: no cover
 
     def _unit(self, op: Unit) -> Any:
@@ -715,6 +726,10 @@ class Runtime:
             return None
         if isinstance(op, Unit):
             return await self._aunit(op)
+        if isinstance(op, Supersede):
+            if self.approvals is not None:  # blocking: the service's writes and channel hooks are sync
+                await asyncio.to_thread(self.approvals.supersede_others, op.key, op.payload_hash)
+            return None
         return self._perform(op)
 
     async def _aunit(self, op: Unit) -> Any:

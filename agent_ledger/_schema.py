@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -33,7 +34,7 @@ from .errors import InvalidArguments
 __all__ = ["DEFAULT_PREFIX", "SCHEMA_REVISION", "Tables", "UTCDateTime", "build_tables", "json_type"]
 
 DEFAULT_PREFIX = "agent_ledger_"
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 """The alembic revision these tables correspond to (a test checks it is the head)."""
 
 
@@ -73,6 +74,7 @@ class Tables:
     events: Table
     approvals: Table
     inbound: Table
+    votes: Table
 
 
 def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tables:
@@ -135,6 +137,10 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("reason", Text, nullable=True),
         Column("consumed_at", UTCDateTime(), nullable=True),
         Column("channel_state", json_type(), nullable=True),
+        Column("quorum", Integer, nullable=False, server_default=text("1")),
+        Column("approved_count", Integer, nullable=False, server_default=text("0")),
+        Column("approved_by", json_type(), nullable=True),
+        Column("requested_by", String(255), nullable=True),
         Index(f"ix_{prefix}approvals_key", "key", "payload_hash", "requested_at"),
         Index(f"ix_{prefix}approvals_status", "status", "expires_at"),
         # At most one open request per payload: concurrent first calls share it.
@@ -155,4 +161,16 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("source", String(32), nullable=False),
         Column("received_at", UTCDateTime(), nullable=False),
     )
-    return Tables(md, effects, events, approvals, inbound)
+    votes = Table(
+        f"{prefix}approval_votes",
+        md,
+        # One row per vote; the unique key makes "the same person twice" impossible, whatever the race.
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("approval_id", String(40), nullable=False),
+        Column("approver", String(255), nullable=False),
+        Column("decision", String(16), nullable=False),
+        Column("reason", Text, nullable=True),
+        Column("at", UTCDateTime(), nullable=False),
+        UniqueConstraint("approval_id", "approver", name=f"uq_{prefix}approval_votes_approver"),
+    )
+    return Tables(md, effects, events, approvals, inbound, votes)

@@ -12,7 +12,7 @@ driver's own connections).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, Literal
@@ -34,8 +34,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ._decide import Row, transition
-from ._models import Status
+from ._decide import Row, Vote, VoteRefused, approval_sources, approval_transition, transition
+from ._models import ApprovalStatus, Status
 from ._schema import Tables
 
 __all__ = [
@@ -240,6 +240,10 @@ class Work:
     """Set on the hot units: the typed operation that ``steps`` implement, run by ``_fast.Hot``."""
     all_or_nothing: bool = False
     """Every later step must change a row too, or the whole transaction rolls back (nothing matched)."""
+    then: Callable[[Any], tuple[Sequence[tuple[Executable, Mapping[str, Any]]], Any]] | None = None
+    """Decide the later steps from the first step's outcome, inside the same transaction: returns the
+    steps to run (none: nothing to write) and the unit's result. With ``all_or_nothing`` every one of
+    them must change a row. Used where the decision needs the row read under its lock (a vote)."""
 
 
 def _p(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -412,8 +416,12 @@ class Store:
                 tool=b("tool"),
                 payload_hash=b("payload_hash"),
                 args=b("args", type_=ap.c.args.type),
-                status=literal("pending"),
+                status=literal(approval_transition(None, "request").value),
                 approvers=b("approvers", type_=ap.c.approvers.type),
+                quorum=b("quorum"),
+                approved_count=literal(0),
+                approved_by=b("approved_by", type_=ap.c.approved_by.type),
+                requested_by=b("requested_by"),
                 requested_at=b("now", type_=ap.c.requested_at.type),
                 expires_at=b("expires_at", type_=ap.c.expires_at.type),
             )
@@ -424,33 +432,64 @@ class Store:
             update(ap)
             .where(
                 ap.c.id == b("id"),
-                ap.c.status.in_(["pending", "approved"]),
+                ap.c.status.in_(approval_sources("expire")),
                 ap.c.expires_at <= b("now", type_=ap.c.expires_at.type),
             )
-            .values(status="expired")
+            .values(status=approval_transition(ApprovalStatus.PENDING, "expire").value)
         )
-        self._consume_approval = (
+        self._supersede_approval = (
+            update(ap)
+            .where(ap.c.id == b("id"), ap.c.status.in_(approval_sources("supersede")))
+            .values(status=approval_transition(ApprovalStatus.PENDING, "supersede").value)
+        )
+        e_ran = e.c.payload_hash.label("ran_with")
+        self._approval_for_vote = (
+            select(ap, e_ran).select_from(ap.outerjoin(e, e.c.key == ap.c.key)).where(ap.c.id == b("id"))
+        )
+        if dialect == "postgresql":  # voters queue on the request's row; SQLite's BEGIN IMMEDIATE does it
+            self._approval_for_vote = self._approval_for_vote.with_for_update(of=ap)
+        self._open_superseded = (
+            select(ap, e_ran)
+            .select_from(ap.join(e, e.c.key == ap.c.key))
+            .where(ap.c.status.in_(approval_sources("supersede")), e.c.payload_hash != ap.c.payload_hash)
+        )
+        self._cast_vote = (
             update(ap)
             .where(
                 ap.c.id == b("id"),
-                ap.c.status == "approved",
-                ap.c.payload_hash == b("payload_hash"),
-                ap.c.expires_at > b("now", type_=ap.c.expires_at.type),
-            )
-            .values(status="consumed", consumed_at=b("now", type_=ap.c.consumed_at.type))
-        )
-        self._record_decision = (
-            update(ap)
-            .where(
-                ap.c.id == b("id"),
-                ap.c.status == "pending",
+                ap.c.status == ApprovalStatus.PENDING.value,
+                ap.c.approved_count == b("observed_count"),
                 ap.c.expires_at > b("now", type_=ap.c.expires_at.type),
             )
             .values(
                 status=b("status"),
-                decided_at=b("now", type_=ap.c.decided_at.type),
-                decided_by=b("by"),
+                approved_count=b("approved_count"),
+                approved_by=b("approved_by", type_=ap.c.approved_by.type),
+                decided_at=b("decided_at", type_=ap.c.decided_at.type),
+                decided_by=b("decided_by"),
                 reason=b("reason"),
+            )
+        )
+        vt = tables.votes
+        vt_ins = postgresql.insert(vt) if dialect == "postgresql" else sqlite.insert(vt)
+        self._insert_vote = vt_ins.values(
+            approval_id=b("id"),
+            approver=b("by"),
+            decision=b("decision"),
+            reason=b("reason"),
+            at=b("now", type_=vt.c.at.type),
+        ).on_conflict_do_nothing(index_elements=[vt.c.approval_id, vt.c.approver])
+        self._consume_approval = (
+            update(ap)
+            .where(
+                ap.c.id == b("id"),
+                ap.c.status.in_(approval_sources("consume")),
+                ap.c.payload_hash == b("payload_hash"),
+                ap.c.expires_at > b("now", type_=ap.c.expires_at.type),
+            )
+            .values(
+                status=approval_transition(ApprovalStatus.APPROVED, "consume").value,
+                consumed_at=b("now", type_=ap.c.consumed_at.type),
             )
         )
         self._set_channel_state = (
@@ -569,6 +608,8 @@ class Store:
         now: datetime,
         expires_at: datetime,
         actor: str,
+        quorum: int = 1,
+        requested_by: str | None = None,
     ) -> Work:
         """Open a request for this payload; returns a row unless one is already pending for it."""
         params = {
@@ -579,6 +620,9 @@ class Store:
             "payload_hash": payload_hash,
             "args": args,
             "approvers": approvers,
+            "quorum": quorum,
+            "approved_by": [],
+            "requested_by": requested_by,
             "now": now,
             "expires_at": expires_at,
         }
@@ -590,7 +634,14 @@ class Store:
             None,
             actor,
             now,
-            {"approval_id": approval_id, "payload_hash": payload_hash, "expires_at": expires_at.isoformat()},
+            {
+                "approval_id": approval_id,
+                "payload_hash": payload_hash,
+                "expires_at": expires_at.isoformat(),
+                "quorum": quorum,
+                "approvers": approvers,
+                "requested_by": requested_by,
+            },
         )
         return Work(((self._request_approval, _p(params)), (self._event, _p(audit))), "row", label="approval")
 
@@ -611,22 +662,100 @@ class Store:
             label="approval",
         )
 
-    def record_decision(
-        self, row: Mapping[str, Any], *, status: str, by: str, reason: str | None, now: datetime
+    def vote(
+        self,
+        approval_id: str,
+        *,
+        judge: Callable[[Mapping[str, Any]], Vote | VoteRefused],
+        by: str,
+        reason: str | None,
+        now: datetime,
     ) -> Work:
-        """First decision wins: pending and unexpired -> approved/rejected, with its audit row."""
-        params = {"id": row["id"], "status": status, "by": by, "reason": reason, "now": now}
+        """One human's vote, in one transaction: read the request under its row lock (with the payload
+        its key ran with), let ``judge`` (the pure core's ``judge_vote``) rule on that row, then write
+        the vote row (unique per approver), the request's new state and the audit row together.
+
+        Returns ``(row, verdict)``: the row as read (None: no such request) and the ``Vote`` recorded
+        or the ``VoteRefused``; None when a concurrent write won (ask again).
+        """
+
+        def then(found: Any) -> tuple[list[tuple[Executable, Mapping[str, Any]]], Any]:
+            if found is None:
+                return [], (None, None)
+            row = dict(found)
+            verdict = judge(row)
+            if isinstance(verdict, VoteRefused):
+                return [], (row, verdict)
+            settles = verdict.event != "vote"
+            approved_by = list(row["approved_by"] or [])
+            if verdict.event != "reject":
+                approved_by.append(by)
+            params = {
+                "id": row["id"],
+                "observed_count": row["approved_count"],
+                "now": now,
+                "status": approval_transition(ApprovalStatus(row["status"]), verdict.event).value,
+                "approved_count": len(approved_by),
+                "approved_by": approved_by,
+                "decided_at": now if settles else row["decided_at"],
+                "decided_by": by if settles else row["decided_by"],
+                "reason": reason if settles else row["reason"],
+            }
+            decision = "reject" if verdict.event == "reject" else "approve"
+            kind = {"vote": "approval_vote", "approve": "approved", "reject": "rejected"}[verdict.event]
+            detail = {
+                "approval_id": row["id"],
+                "payload_hash": row["payload_hash"],
+                "decision": decision,
+                "reason": reason,
+                "approvals": f"{len(approved_by)} of {row['quorum']}",
+                "approved_by": approved_by,
+            }
+            audit = self._event_params(row["key"], row["workflow_id"], row["tool"], kind, None, by, now, detail)
+            vote = {"id": row["id"], "by": by, "decision": decision, "reason": reason, "now": now}
+            steps: list[tuple[Executable, Mapping[str, Any]]] = [
+                (self._cast_vote, _p(params)),
+                (self._insert_vote, _p(vote)),
+                (self._event, _p(audit)),
+            ]
+            return steps, (row, verdict)
+
+        return Work(
+            ((self._approval_for_vote, _p({"id": approval_id})),),
+            "row",
+            label="approval",
+            all_or_nothing=True,
+            then=then,
+        )
+
+    def open_for_other_payloads(self, key: str, payload_hash: str) -> Work:
+        """Open requests (pending or approved) for ``key`` with another payload than ``payload_hash``."""
+        ap = self.tables.approvals
+        stmt = select(ap).where(
+            ap.c.key == key, ap.c.payload_hash != payload_hash, ap.c.status.in_(approval_sources("supersede"))
+        )
+        return Work(((stmt, {}),), "rows", False, "approval")
+
+    def open_superseded(self) -> Work:
+        """Open requests (pending or approved) whose key ran with another payload (column ``ran_with``)."""
+        return Work(((self._open_superseded, {}),), "rows", False, "approval")
+
+    def supersede_approval(self, row: Mapping[str, Any], *, ran_with: str, now: datetime, actor: str) -> Work:
+        """Mark an open request superseded (its key ran with the payload ``ran_with``), with its audit row."""
         audit = self._event_params(
             row["key"],
             row["workflow_id"],
             row["tool"],
-            status,
+            "approval_superseded",
             None,
-            by,
+            actor,
             now,
-            {"approval_id": row["id"], "payload_hash": row["payload_hash"], "reason": reason},
+            {"approval_id": row["id"], "was": row["status"], "payload_hash": row["payload_hash"], "ran_with": ran_with},
         )
-        return Work(((self._record_decision, _p(params)), (self._event, _p(audit))), label="approval")
+        return Work(
+            ((self._supersede_approval, _p({"id": row["id"]})), (self._event, _p(audit))),
+            label="approval",
+        )
 
     def set_channel_state(self, approval_id: str, state: Mapping[str, Any]) -> Work:
         """Remember where channels posted a request (e.g. a Slack message), to update it later."""

@@ -2,9 +2,10 @@
 
 ``ApprovalService`` is the one place where a decision on an approval request is taken: the ``Ledger``
 methods (``approve``, ``reject``, ``approval``, ``pending_approvals``), the CLI and the inbound
-endpoints (Slack, signed webhooks) all go through it, with the same rules: the first decision wins,
-the tool's approvers are an allowlist, an expired request cannot be decided, and every refusal is an
-audit row. It also carries out the flow's ``Notify`` operation (announce a new request) for both
+endpoints (Slack, signed webhooks) all go through it, with the same rules (``_decide.judge_vote``): a
+request needs ``quorum`` approvals from distinct allowed approvers, one rejection rejects it, its
+requester may not decide it, an expired or superseded request cannot be decided, and every refusal is
+an audit row. It also carries out the flow's ``Notify`` operation (announce a new request) for both
 drivers, and runs the channels' ``decided`` hooks.
 
 Requesting, expiring and consuming an approval happen inside a call's flow (``_flow._approval_gate``),
@@ -18,11 +19,12 @@ import inspect
 import logging
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from .._decide import APPROVAL_TRANSITIONS, Vote, VoteRefused, judge_vote
 from .._flow import utcnow
 from .._hide import hide
-from .._models import Approval, approval_from_row
+from .._models import Approval, ApprovalStatus, approval_from_row
 from .._text import MAX_APPROVAL_ID, MAX_NAME, MAX_REASON, check_text, text_problem
 from ..errors import ApprovalRefused, ConfigurationError, InvalidArguments
 
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["ApprovalService"]
 
 log = logging.getLogger("agent_ledger")
+_VOTE_TRIES = 10
 
 
 class ApprovalService:
@@ -69,6 +72,7 @@ class ApprovalService:
     def pending(self, workflow_id: str | None = None, tool: str | None = None) -> list[Approval]:
         """Approval requests still waiting for a decision (oldest first), optionally filtered. A request
         whose key already holds a call with other arguments is left out: it can never be used."""
+        self.supersede_stale()  # a request whose key ran with other arguments can never run: not pending
         if any(v is not None and text_problem(v, MAX_NAME) is not None for v in (workflow_id, tool)):
             return []  # a name that could never have been stored matches nothing
         rows = self._rt.do(
@@ -96,8 +100,9 @@ class ApprovalService:
     def _record_decision(
         self, approval_id: str, status: str, by: str, reason: str | None, *, notify: bool = True
     ) -> Approval:
-        """The one path of a human decision: checks, the fenced state change (or an audited refusal),
-        then the channels' ``decided`` hooks."""
+        """The one path of a human decision: one vote, ruled on by the pure core (``judge_vote``) on the
+        request as read under its lock, recorded with the request's new state in one transaction (or
+        refused and audited), then the channels' ``decided`` hooks (quorum progress or the outcome)."""
         if not isinstance(by, str) or not by:
             raise InvalidArguments("a decision needs by='<who decided>' for the audit trail")
         # What Postgres cannot store (NUL, lone surrogates, over-long values) is refused before any write.
@@ -105,40 +110,64 @@ class ApprovalService:
         check_text(by, "by", MAX_NAME)
         if reason is not None:
             check_text(reason, "reason", MAX_REASON, allow_empty=True)
+        decision: Literal["approve", "reject"] = "approve" if status == "approved" else "reject"
         store = self._rt.store
-        found = self._rt.do(store.approval(approval_id))
-        now = utcnow()
+        for _ in range(_VOTE_TRIES):
+            now = utcnow()
 
-        def refuse(why: str) -> ApprovalRefused:
+            def judge(row: Mapping[str, Any], now: datetime = now) -> Vote | VoteRefused:
+                return judge_vote(row, decision=decision, by=by, now=now, ran_with=row.get("ran_with"))
+
+            outcome = self._rt.do(store.vote(approval_id, judge=judge, by=by, reason=reason, now=now))
+            if outcome is not None:
+                break  # else a concurrent write changed the request between our read and write: ask again
+        else:  # pragma: no cover - the read holds the row's lock, so the write cannot lose a race
+            raise ApprovalRefused(approval_id, "the request kept changing while the vote was recorded; try again")
+        found, verdict = outcome
+        if found is None or isinstance(verdict, VoteRefused):
+            why = "no such approval request" if found is None else verdict.why
+            if found is not None:
+                self._settle_refused(found, now, by)
             detail = {"approval_id": approval_id, "decision": status, "why": why}
             self._rt.do(self._audit(found, "approval_refused", owner=by, detail=detail, at=now))
-            return ApprovalRefused(approval_id, why)
-
-        if found is None:
-            raise refuse("no such approval request")
-        approvers = found["approvers"]
-        if approvers is not None and by not in approvers:
-            raise refuse(f"{by!r} may not decide on tool {found['tool']!r}; its approvers are {approvers}")
-        if found["status"] == "pending":
-            # Its key already holds a call with other arguments (a tool keyed on a subset of them): a
-            # call with this payload is refused (PayloadMismatch) whatever the decision, so none is taken.
-            # TODO(issue 14): mark such requests ``superseded`` instead.
-            effect = self._rt.do(store.load(found["key"]))
-            if effect is not None and effect["payload_hash"] != found["payload_hash"]:
-                raise refuse(
-                    f"the call already ran with other arguments (its key {found['key']} is {effect['status']} "
-                    f"with a different payload), so this request can never be used"
-                )
-        if not self._rt.do(store.record_decision(found, status=status, by=by, reason=reason, now=now)):
-            current = self._rt.do(store.approval(approval_id))
-            if current["status"] == "pending" and current["expires_at"] <= now:
-                self._rt.do(store.expire_approval(current, now=now, actor=by))
-                raise refuse(f"it expired at {current['expires_at'].isoformat()}")
-            raise refuse(f"it is already {current['status']} (by {current['decided_by'] or 'nobody'})")
+            raise ApprovalRefused(approval_id, why)
         decided = self._rt.do(store.approval(approval_id))
         if notify:
             self._decided(decided)
         return approval_from_row(decided)
+
+    def _settle_refused(self, row: Mapping[str, Any], now: datetime, by: str) -> None:
+        """After a refused vote, record what the refusal found out: an expired or a superseded request."""
+        status = ApprovalStatus(row["status"])
+        ran_with = row.get("ran_with")
+        if ran_with is not None and ran_with != row["payload_hash"] and "supersede" in APPROVAL_TRANSITIONS[status]:
+            self._supersede(row, ran_with, now, by)
+        elif status is ApprovalStatus.PENDING and row["expires_at"] <= now:
+            self._rt.do(self._rt.store.expire_approval(row, now=now, actor=by))
+
+    # -- superseded requests ---------------------------------------------------------------
+
+    def supersede_stale(self) -> int:
+        """Mark superseded every open request (pending or approved) whose key ran with other arguments,
+        audited, and tell the channels. Returns how many were marked."""
+        now = utcnow()
+        rows = self._rt.do(self._rt.store.open_superseded())
+        return sum(self._supersede(row, row["ran_with"], now, self.actor) for row in rows)
+
+    def supersede_others(self, key: str, payload_hash: str) -> int:
+        """``key`` was claimed with ``payload_hash``: supersede its open requests for other payloads (the
+        flow's ``Supersede`` operation). Returns how many were marked."""
+        now = utcnow()
+        rows = self._rt.do(self._rt.store.open_for_other_payloads(key, payload_hash))
+        return sum(self._supersede(row, payload_hash, now, self.actor) for row in rows)
+
+    def _supersede(self, row: Mapping[str, Any], ran_with: str, now: datetime, actor: str) -> bool:
+        if not self._rt.do(self._rt.store.supersede_approval(row, ran_with=ran_with, now=now, actor=actor)):
+            return False  # decided, consumed or superseded meanwhile
+        current = self._rt.do(self._rt.store.approval(row["id"]))
+        if current is not None:
+            self._decided(current)
+        return True
 
     def announce_decision(self, approval_id: str) -> None:
         """Run the channels' ``decided`` hooks (after an inbound decision has been answered)."""
