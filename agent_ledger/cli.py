@@ -272,18 +272,25 @@ def _approvals(ns: argparse.Namespace) -> int:
             if not pending:
                 print("no pending approval requests")
                 return 0
-            print(f"{'approval id':<37} {'tool':<24} {'workflow':<20} {'expires':<25} args")
+            print(
+                f"{'approval id':<37} {'tool':<24} {'workflow':<20} {'expires':<25} "
+                f"{'approvals':<24} {'requested by':<16} args"
+            )
             for a in pending:
                 print(
                     f"{a.approval_id:<37} {a.tool:<24} {a.workflow_id:<20} "
-                    f"{a.expires_at.isoformat(timespec='seconds'):<25} {json.dumps(a.args)}"
+                    f"{a.expires_at.isoformat(timespec='seconds'):<25} {a.progress:<24} "
+                    f"{a.requested_by or '-':<16} {json.dumps(a.args)}"
                 )
             return 0
         if ns.action == "approve":
             decided = ledger.approvals.approve(ns.approval_id, by=ns.by, reason=ns.reason)
         else:
             decided = ledger.approvals.reject(ns.approval_id, by=ns.by, reason=ns.reason)
-    print(f"{decided.approval_id}: {decided.status.value} by {decided.decided_by}")
+    if decided.status.value == "pending":
+        print(f"{decided.approval_id}: approval by {ns.by} recorded, {decided.progress}; still pending")
+    else:
+        print(f"{decided.approval_id}: {decided.status.value} by {decided.decided_by} ({decided.progress})")
     return 0
 
 

@@ -259,3 +259,31 @@ def slow_winner(url: str, workflow: str, log: str, work_seconds: float, results:
     out = ledger.run(ToolCall(workflow_id=workflow, tool="slow", args={"n": 1}), handler=handler)
     results.put(("committed", time.time(), out))
     ledger.close()
+
+
+def approve_then_charge(url: str, approval_id: str, who: str, barrier: Any, results: Any, log: str) -> None:
+    """One of three approvers clicking Approve on a quorum-2 request at the same moment, then calling the
+    gated charge (as the agent would once it hears of the approval); reports both outcomes."""
+    from agent_ledger import ApprovalPending, ApprovalRefused
+
+    ledger = Ledger(url)
+    ledger._rt.ensure_schema()
+
+    @ledger.tool("refunds.issue", requires_approval=True, approvers={"ann", "bob", "cat"}, quorum=2)
+    def refund(order: str, amount: int) -> dict[str, Any]:
+        log_line(log, f"{os.getpid()} refund {order} {amount}")
+        return {"refunded": amount}
+
+    barrier.wait(timeout=60)
+    try:
+        ledger.approve(approval_id, by=who)
+        voted = "recorded"
+    except ApprovalRefused as e:
+        voted = e.why
+    try:
+        with ledger.workflow("refund-1"):
+            ran: Any = refund("ord_1", 2500)
+    except ApprovalPending:
+        ran = "pending"
+    results.put((who, voted, ran))
+    ledger.close()

@@ -2,7 +2,9 @@
 
 A channel is any object with ``request(approval)`` (called once when a request is opened; it may return
 a small JSON mapping to remember, such as a chat message id) and optionally ``decided(approval, state)``
-(called after the first decision, with that mapping). Either may be a coroutine function. A channel
+(called with that mapping after each vote, while ``approval.status`` is still pending and
+``approval.progress`` tells how far the quorum is, and once the request is settled: approved, rejected
+or superseded). Either may be a coroutine function. A channel
 that raises never loses the request: the failure is audited and the approval can still be decided from
 the Python API or the CLI.
 

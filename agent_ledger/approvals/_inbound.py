@@ -163,7 +163,13 @@ def _record_decision(
         return _refuse_inbound(ledger, source, 400, str(e), {"approval_id": approval_id})
     return InboundResponse(
         200,
-        {"ok": True, "approval_id": approval_id, "status": approval.status.value, "by": by},
+        {
+            "ok": True,
+            "approval_id": approval_id,
+            "status": approval.status.value,
+            "by": by,
+            "progress": approval.progress,
+        },
         after=lambda: ledger.approvals.announce_decision(approval_id),
     )
 

@@ -124,6 +124,15 @@ def request_blocks(approval: Approval, *, buttons: bool = True) -> list[dict[str
             ],
         },
     ]
+    # Quorum progress and the requester are names people typed: rich text, never parsed as markup.
+    people: list[dict[str, Any]] = []
+    if approval.quorum > 1 or approval.approved_by:
+        people.append({"type": "rich_text_section", "elements": [_literal(approval.progress)]})
+    if approval.requested_by:
+        requester = [_literal("Requested by "), _who(approval.requested_by), _literal(" (may not decide)")]
+        people.append({"type": "rich_text_section", "elements": requester})
+    if people:
+        blocks.append({"type": "rich_text", "elements": people})
     if buttons:
         blocks.append(
             {
@@ -151,16 +160,25 @@ def request_blocks(approval: Approval, *, buttons: bool = True) -> list[dict[str
 
 
 def decided_blocks(approval: Approval) -> list[dict[str, Any]]:
-    """The message after the decision: the same request without buttons, saying who decided.
+    """The message after a vote or the outcome: while the request is pending (short of its quorum) the
+    request with its progress and buttons; once settled, without buttons, saying how it ended.
 
     The decider and the reason are rich text too: a reason cannot pose as another decision.
     """
-    verb = {ApprovalStatus.APPROVED: "Approved", ApprovalStatus.REJECTED: "Rejected"}.get(
-        approval.status, approval.status.value.capitalize()
-    )
-    when = approval.decided_at.isoformat(timespec="seconds") if approval.decided_at else ""
-    line: list[dict[str, Any]] = [_literal(verb, bold=True), _literal(" by "), _who(approval.decided_by)]
-    line.append(_literal(f" {when}" + (f": {approval.reason}" if approval.reason else "")))
+    if approval.status is ApprovalStatus.PENDING:
+        return request_blocks(approval)
+    if approval.status is ApprovalStatus.SUPERSEDED:
+        line: list[dict[str, Any]] = [
+            _literal("Superseded", bold=True),
+            _literal(": the call ran with other arguments; this request can no longer run"),
+        ]
+    else:
+        verb = {ApprovalStatus.APPROVED: "Approved", ApprovalStatus.REJECTED: "Rejected"}.get(
+            approval.status, approval.status.value.capitalize()
+        )
+        when = approval.decided_at.isoformat(timespec="seconds") if approval.decided_at else ""
+        line = [_literal(verb, bold=True), _literal(" by "), _who(approval.decided_by)]
+        line.append(_literal(f" {when}" + (f": {approval.reason}" if approval.reason else "")))
     return [
         *request_blocks(approval, buttons=False),
         {"type": "rich_text", "elements": [{"type": "rich_text_section", "elements": line}]},
@@ -171,7 +189,8 @@ class SlackChannel:
     """Posts each approval request to a Slack channel through ``chat.postMessage``.
 
     Needs a bot token with the ``chat:write`` scope. Buttons carry the approval id, never the arguments.
-    After the decision the message is updated (``chat.update``) to say who decided, without buttons.
+    After each vote the message is updated (``chat.update``) with the quorum progress; once the request
+    is settled, to say how it ended, without buttons.
     Decisions come back through ``ledger.approvals_app(slack_signing_secret=...)``.
     """
 
@@ -228,16 +247,18 @@ class SlackChannel:
         return {"channel": data["channel"], "ts": data["ts"]}
 
     def decided(self, approval: Approval, state: Mapping[str, Any] | None) -> None:
-        """Replace the buttons with who decided (needs the ``channel``/``ts`` kept from ``request``)."""
+        """Update the message (needs the ``channel``/``ts`` kept from ``request``): after a vote short of
+        the quorum, the progress ("1 of 2 approvals: alice") with the buttons; once settled, how it ended
+        (approved, rejected, superseded), without buttons."""
         if not state or "ts" not in state:
             return
-        verb = approval.status.value
+        if approval.status is ApprovalStatus.PENDING:
+            text = f"{approval.tool}: {approval.progress}"
+        elif approval.decided_by:
+            text = f"{approval.tool}: {approval.status.value} by {approval.decided_by}"
+        else:
+            text = f"{approval.tool}: {approval.status.value}"
         self._call(
             "chat.update",
-            {
-                "channel": state["channel"],
-                "ts": state["ts"],
-                "text": _escape(f"{approval.tool}: {verb} by {approval.decided_by}"),
-                "blocks": decided_blocks(approval),
-            },
+            {"channel": state["channel"], "ts": state["ts"], "text": _escape(text), "blocks": decided_blocks(approval)},
         )

@@ -12,7 +12,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from .._hide import hide, hide_url
-from .._models import Approval
+from .._models import Approval, ApprovalStatus
 from ..errors import ConfigurationError, InvalidArguments, WebhookDeliveryError
 
 __all__ = ["WebhookChannel", "WebhookDeliveryError", "signed_headers"]
@@ -41,7 +41,11 @@ def signed_headers(secret: str, message_id: str, body: str, *, at: datetime | No
 
 def approval_payload(event: str, approval: Approval) -> dict[str, Any]:
     """The JSON body of an outbound approval event (requests say how to answer them)."""
-    payload: dict[str, Any] = {"type": event, "approval": approval.model_dump(mode="json")}
+    payload: dict[str, Any] = {
+        "type": event,
+        "approval": approval.model_dump(mode="json"),
+        "progress": approval.progress,
+    }
     if event != "approval.requested":
         return payload
     return {
@@ -60,7 +64,7 @@ def approval_payload(event: str, approval: Approval) -> dict[str, Any]:
 
 
 class WebhookChannel:
-    """POSTs each approval request (and decision) to ``url``, signed per Standard Webhooks.
+    """POSTs each approval request (and each vote and the outcome) to ``url``, signed per Standard Webhooks.
 
     The message id is stable across retries (``<approval id>.requested``), so a receiver can
     deduplicate. Failures are retried ``attempts`` times with exponential backoff; if all fail, the
@@ -124,5 +128,10 @@ class WebhookChannel:
         self._deliver(f"{approval.approval_id}.requested", approval_payload("approval.requested", approval))
 
     def decided(self, approval: Approval, state: Mapping[str, Any] | None) -> None:
-        """Deliver ``approval.decided``."""
+        """Deliver ``approval.voted`` after a vote short of the quorum (message id ``<id>.vote.<n>``, n
+        approvals so far), else ``approval.decided`` (approved, rejected or superseded)."""
+        if approval.status is ApprovalStatus.PENDING:
+            n = len(approval.approved_by)
+            self._deliver(f"{approval.approval_id}.vote.{n}", approval_payload("approval.voted", approval))
+            return
         self._deliver(f"{approval.approval_id}.decided", approval_payload("approval.decided", approval))
