@@ -515,3 +515,105 @@ def test_cli_lists_progress_and_requester_and_follows_the_rules(ledger: Ledger, 
     assert again.returncode == 1 and "already voted" in again.stderr
     done = cli("approve", aid, "--by", "fay")
     assert done.returncode == 0 and "approved by fay" in done.stdout and "2 of 2" in done.stdout
+
+
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SLACK_SECRET = "slack-signing-secret"
+
+
+def test_inbound_decisions_are_one_vote_each_and_channels_show_progress(make_ledger: Callable[..., Ledger]) -> None:
+    import json
+    import time
+    import urllib.parse
+
+    import httpx
+
+    from agent_ledger.approvals import (
+        SlackChannel,
+        WebhookChannel,
+        handle_slack,
+        handle_webhook,
+        sign_slack,
+        signed_headers,
+    )
+
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.append((request.url.path, body))
+        if request.url.path.endswith("chat.postMessage"):
+            return httpx.Response(200, json={"ok": True, "channel": "C1", "ts": "1.0"})
+        if request.url.path.endswith("chat.update"):
+            return httpx.Response(200, json={"ok": True})
+        return httpx.Response(204)
+
+    client = httpx.Client(transport=httpx.MockTransport(answer))
+    hook = WebhookChannel(url="https://hooks.example/approvals", secret=WEBHOOK_SECRET, client=client)
+    slack = SlackChannel("xoxb-test", "C1", client=client)
+    ledger = make_ledger(channels=[slack, hook])
+    refunds = Refunds()
+
+    @ledger.tool("refunds.issue", requires_approval=True, approvers=["U0FAY", "U0FRED", "fiona"], quorum=2)
+    def refund(order: str, amount: int) -> dict[str, Any]:
+        return refunds(order, amount)
+
+    with ledger.workflow("refund-1", on_behalf_of="fiona"), pytest.raises(ApprovalPending) as info:
+        refund("ord_1", 2500)
+    aid = info.value.approval_id
+    approval = ledger.approval(aid)
+    assert approval is not None
+
+    def click(user: str) -> Any:
+        payload = {
+            "type": "block_actions",
+            "user": {"id": user},
+            "actions": [{"action_id": "agent_ledger_approve", "value": aid}],
+        }
+        body = urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
+        ts = str(int(time.time()))
+        headers = {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": sign_slack(SLACK_SECRET, ts, body)}
+        response = handle_slack(ledger, body, headers, SLACK_SECRET)
+        if response.after is not None:
+            response.after()
+        return response
+
+    def webhook(by: str, message_id: str) -> Any:
+        body = json.dumps(
+            {"approval_id": aid, "payload_hash": approval.payload_hash, "decision": "approve", "by": by, "reason": "ok"}
+        )
+        response = handle_webhook(
+            ledger, body.encode(), signed_headers(WEBHOOK_SECRET, message_id, body), WEBHOOK_SECRET
+        )
+        if response.after is not None:
+            response.after()
+        return response
+
+    first = click("U0FAY")
+    assert (
+        first.status == 200
+        and first.body["status"] == "pending"
+        and first.body["progress"] == "1 of 2 approvals: U0FAY"
+    )
+    again = click("U0FAY")  # the same person clicking twice counts once (Slack is answered 200 with the reason)
+    assert again.body["ok"] is False and "already voted" in again.body["error"]
+    own = webhook("fiona", "msg_1")  # the requester, through the webhook: refused
+    assert own.status == 409 and "separation of duties" in own.body["error"]
+    assert ledger.approval(aid).status is ApprovalStatus.PENDING  # type: ignore[union-attr]
+    done = webhook("U0FRED", "msg_2")
+    assert done.status == 200 and done.body["status"] == "approved"
+
+    updates = [body for path, body in sent if path.endswith("chat.update")]
+    assert "1 of 2 approvals: U0FAY" in json.dumps(updates[0]) and "agent_ledger_approve" in json.dumps(updates[0])
+    assert "agent_ledger_approve" not in json.dumps(updates[-1]) and "Approved" in json.dumps(updates[-1])
+    events = [body for path, body in sent if path == "/approvals"]
+    assert [e["type"] for e in events] == ["approval.requested", "approval.voted", "approval.decided"]
+    assert [e["progress"] for e in events] == [
+        "0 of 2 approvals",
+        "1 of 2 approvals: U0FAY",
+        "2 of 2 approvals: U0FAY, U0FRED",
+    ]
+    assert events[0]["approval"]["requested_by"] == "fiona" and events[2]["approval"]["quorum"] == 2
+    with ledger.workflow("refund-1"):
+        assert refund("ord_1", 2500) == {"refunded": 2500}
+    assert refunds.calls == [("ord_1", 2500)]
