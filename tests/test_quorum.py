@@ -617,3 +617,46 @@ def test_inbound_decisions_are_one_vote_each_and_channels_show_progress(make_led
     with ledger.workflow("refund-1"):
         assert refund("ord_1", 2500) == {"refunded": 2500}
     assert refunds.calls == [("ord_1", 2500)]
+
+
+def test_requests_opened_before_the_upgrade_take_votes_after_it(db_url: str) -> None:
+    """A 0004 database with an open request: after ``migrate`` it needs one approval, as before."""
+    from agent_ledger._migrate import upgrade
+    from agent_ledger._schema import build_tables
+
+    engine = sa.create_engine(db_url)
+    upgrade(engine, build_tables(), "0004")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO agent_ledger_approvals (id, key, workflow_id, tool, payload_hash, args, status, "
+                "approvers, requested_at, expires_at) VALUES ('apr_old', 'v1:k', 'w', 'refunds.issue', 'v1:p', "
+                "'{}', 'pending', NULL, :now, :later)"
+            ),
+            {"now": datetime.now(timezone.utc), "later": datetime.now(timezone.utc) + timedelta(hours=1)},
+        )
+    led = Ledger(db_url)
+    led.migrate()
+    old = led.approval("apr_old")
+    assert old is not None and old.quorum == 1 and old.approved_by == [] and old.requested_by is None
+    done = led.approve("apr_old", by="fay")
+    assert done.status is ApprovalStatus.APPROVED and done.approved_by == ["fay"]
+    led.close()
+    engine.dispose()
+
+
+async def test_async_calls_supersede_too(ledger: Ledger) -> None:
+    refunds = Refunds()
+
+    async def refund(order: str, amount: int) -> dict[str, Any]:
+        return refunds(order, amount)
+
+    ids = []
+    for amount in (100, 200):
+        with pytest.raises(ApprovalPending) as info:
+            await ledger.arun(refund_call(amount), refund, key=["order"], requires_approval=True)
+        ids.append(info.value.approval_id)
+    ledger.approve(ids[0], by="fay")
+    assert await ledger.arun(refund_call(100), refund, key=["order"], requires_approval=True) == {"refunded": 100}
+    assert ledger.approval(ids[1]).status is ApprovalStatus.SUPERSEDED  # type: ignore[union-attr]
+    assert refunds.calls == [("ord_1", 100)]
