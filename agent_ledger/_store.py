@@ -839,7 +839,7 @@ class Store:
         return Work(((stmt, {}),), "rows", False, "prune")
 
     def delete_keys(self, keys: Sequence[str]) -> Work:
-        """Delete effects (still settled), their events and their approvals, in one transaction."""
+        """Delete effects (still settled), their events, approvals and votes, in one transaction."""
         t = self.tables
         keys = list(keys)
         settled = [Status.SUCCEEDED.value, Status.FAILED.value]
@@ -847,11 +847,13 @@ class Store:
         # retried (and is running again) since it was selected keeps its row and its audit trail.
         gone = ~t.events.c.key.in_(select(t.effects.c.key).where(t.effects.c.key.in_(keys)))
         gone_approvals = ~t.approvals.c.key.in_(select(t.effects.c.key).where(t.effects.c.key.in_(keys)))
+        doomed = and_(t.approvals.c.key.in_(keys), gone_approvals)
         return Work(
             (
                 (delete(t.effects).where(t.effects.c.key.in_(keys), t.effects.c.status.in_(settled)), {}),
                 (delete(t.events).where(t.events.c.key.in_(keys), gone), {}),
-                (delete(t.approvals).where(t.approvals.c.key.in_(keys), gone_approvals), {}),
+                (delete(t.votes).where(t.votes.c.approval_id.in_(select(t.approvals.c.id).where(doomed))), {}),
+                (delete(t.approvals).where(doomed), {}),
             ),
             label="prune",
         )

@@ -290,7 +290,8 @@ def _approvals(ns: argparse.Namespace) -> int:
     if decided.status.value == "pending":
         print(f"{decided.approval_id}: approval by {ns.by} recorded, {decided.progress}; still pending")
     else:
-        print(f"{decided.approval_id}: {decided.status.value} by {decided.decided_by} ({decided.progress})")
+        settled = f"{decided.approval_id}: {decided.status.value} by {decided.decided_by}"
+        print(settled + (f" ({decided.progress})" if decided.quorum > 1 else ""))
     return 0
 
 

@@ -660,3 +660,25 @@ async def test_async_calls_supersede_too(ledger: Ledger) -> None:
     assert await ledger.arun(refund_call(100), refund, key=["order"], requires_approval=True) == {"refunded": 100}
     assert ledger.approval(ids[1]).status is ApprovalStatus.SUPERSEDED  # type: ignore[union-attr]
     assert refunds.calls == [("ord_1", 100)]
+
+
+def test_prune_deletes_the_votes_with_their_request(ledger: Ledger, db_url: str) -> None:
+    refunds = Refunds()
+    opts: dict[str, Any] = {"approvers": FINANCE, "quorum": 2}
+    aid = pending_id(ledger, refund_call(2500), refunds, **opts)
+    ledger.approve(aid, by="fay")
+    ledger.approve(aid, by="fred")
+    ledger.run(refund_call(2500), handler=refunds, requires_approval=True, **opts)
+    keep = pending_id(ledger, refund_call(3000, order="ord_2"), refunds, **opts)
+    ledger.approve(keep, by="fay")  # an open request of an unsettled key keeps its vote
+    engine = sa.create_engine(db_url)
+
+    def votes() -> list[str]:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT approval_id FROM agent_ledger_approval_votes ORDER BY id"))
+            return list(rows.scalars())
+
+    assert votes() == [aid, aid, keep]
+    assert ledger.prune(older_than=0) == 1
+    assert votes() == [keep] and ledger.approval(aid) is None
+    engine.dispose()
