@@ -6,7 +6,7 @@ crash mid-call is never silently re-executed; everything is an audit row in SQLi
 """
 
 from ._context import current_effect
-from ._decide import TRANSITIONS
+from ._decide import APPROVAL_TRANSITIONS, TRANSITIONS
 from ._flow import NOT_EXECUTED
 from ._keys import compute_key, payload_hash
 from ._ledger import CallOptions, Ledger, Tool, Workflow, current_workflow
@@ -49,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NOT_EXECUTED",
+    "APPROVAL_TRANSITIONS",
     "TRANSITIONS",
     "Approval",
     "ApprovalMismatch",

@@ -1007,17 +1007,20 @@ class Ledger:
         return self.approvals.pending(workflow_id=workflow_id, tool=tool)
 
     def approve(self, approval_id: str, *, by: str, reason: str | None = None) -> Approval:
-        """Approve a pending request, for exactly its payload. The first decision wins.
+        """Approve a pending request, for exactly its payload: one vote by ``by``. The request is
+        approved when it has ``quorum`` approvals from distinct approvers (default 1); until then the
+        returned ``Approval`` is still pending, with ``approved_by`` so far.
 
-        Raises ``ApprovalRefused`` (audited) when the id is unknown, the request was already decided or
-        expired, or ``by`` is not one of the tool's approvers; ``InvalidArguments`` (nothing written)
-        when the id, ``by`` (at most 255 characters) or ``reason`` (4000) is too long or holds a NUL
-        character or a lone surrogate.
+        Raises ``ApprovalRefused`` (audited) when the id is unknown, the request was already settled,
+        expired or superseded, ``by`` already voted on it, requested it, or is not one of its approvers;
+        ``InvalidArguments`` (nothing written) when the id, ``by`` (at most 255 characters) or ``reason``
+        (4000) is too long or holds a NUL character or a lone surrogate.
         """
         return self.approvals.approve(approval_id, by=by, reason=reason)
 
     def reject(self, approval_id: str, *, by: str, reason: str) -> Approval:
-        """Reject a pending request; calls with its payload then raise ``ApprovalRejected`` with ``reason``."""
+        """Reject a pending request (one allowed approver's rejection is a veto, whatever the quorum);
+        calls with its payload then raise ``ApprovalRejected`` with ``reason``. Refused as ``approve``."""
         return self.approvals.reject(approval_id, by=by, reason=reason)
 
     def approvals_app(

@@ -83,18 +83,21 @@ class ApprovalService:
     # -- decisions -------------------------------------------------------------------------
 
     def approve(self, approval_id: str, *, by: str, reason: str | None = None, notify: bool = True) -> Approval:
-        """Approve a pending request, for exactly its payload. The first decision wins.
+        """Approve a pending request, for exactly its payload: one vote; ``quorum`` votes from distinct
+        approvers approve it (the returned ``Approval`` is still pending before that).
 
-        Raises ``ApprovalRefused`` (audited) when the id is unknown, the request was already decided or
-        expired, or ``by`` is not one of the tool's approvers; ``InvalidArguments`` (nothing written)
-        when the id (over 40 characters), ``by`` (over 255) or ``reason`` (over 4000) is too long or
-        holds a NUL character or a lone surrogate. ``notify=False`` leaves the channels' ``decided``
-        hooks to a later ``announce_decision`` (an inbound endpoint answers first).
+        Raises ``ApprovalRefused`` (audited) when the id is unknown, the request was already settled,
+        expired or superseded, or ``by`` already voted, requested it, or is not one of its approvers
+        (``_decide.judge_vote``); ``InvalidArguments`` (nothing written) when the id (over 40
+        characters), ``by`` (over 255) or ``reason`` (over 4000) is too long or holds a NUL character or
+        a lone surrogate. ``notify=False`` leaves the channels' ``decided`` hooks to a later
+        ``announce_decision`` (an inbound endpoint answers first).
         """
         return self._record_decision(approval_id, "approved", by, reason, notify=notify)
 
     def reject(self, approval_id: str, *, by: str, reason: str, notify: bool = True) -> Approval:
-        """Reject a pending request; calls with its payload then raise ``ApprovalRejected`` with ``reason``."""
+        """Reject a pending request (a veto, whatever the quorum); calls with its payload then raise
+        ``ApprovalRejected`` with ``reason``."""
         return self._record_decision(approval_id, "rejected", by, reason, notify=notify)
 
     def _record_decision(
