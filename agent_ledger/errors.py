@@ -15,7 +15,7 @@
     ├── ApprovalPending        the call waits for a human decision (``approval_id``)
     ├── ApprovalRejected       a human rejected exactly this call
     ├── ApprovalMismatch       the arguments changed after they were approved
-    ├── ApprovalRefused        a decision that cannot be taken (late, expired, unlisted approver)
+    ├── ApprovalRefused        a decision that cannot be taken (late, expired, superseded, twice, own, unlisted)
     ├── IllegalTransition      a state change the effect state machine does not allow
     ├── ChannelError           an approval channel could not announce a request or a decision
     │   ├── SlackError         Slack's Web API answered ``ok: false`` (or not at all)
@@ -300,7 +300,8 @@ class ApprovalMismatch(LedgerError):
 
 
 class ApprovalRefused(LedgerError):
-    """A decision that cannot be taken: unknown id, already decided, expired, or an unlisted approver."""
+    """A decision that cannot be taken: unknown id, already settled, expired or superseded, a second vote
+    by the same approver, the requester deciding their own request, or an unlisted approver."""
 
     def __init__(self, approval_id: str, why: str) -> None:
         super().__init__(f"approval {approval_id}: {why}")

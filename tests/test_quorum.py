@@ -682,3 +682,18 @@ def test_prune_deletes_the_votes_with_their_request(ledger: Ledger, db_url: str)
     assert ledger.prune(older_than=0) == 1
     assert votes() == [keep] and ledger.approval(aid) is None
     engine.dispose()
+
+
+def test_hostile_names_and_ids_in_a_decision_are_refused_before_the_database(ledger: Ledger) -> None:
+    aid = pending_id(ledger, refund_call(2500), Refunds(), approvers=FINANCE, quorum=2)
+    for bad_by in ("", "fay\x00", "x" * 256, "\ud800", 7):
+        with pytest.raises(InvalidArguments):
+            ledger.approve(aid, by=bad_by)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArguments):
+        ledger.reject(aid, by="fay", reason="no\x00")
+    for bad_id in ("apr_\x00", "x" * 41, "\udcff"):
+        with pytest.raises(ApprovalRefused, match="no such approval request"):
+            ledger.approve(bad_id, by="fay")
+    assert ledger.approval(aid).approved_by == []  # type: ignore[union-attr]
+    refused = [e for e in ledger.events(workflow_id="-") if e.kind == "approval_refused"]
+    assert len(refused) == 3 and all(e.owner == "fay" for e in refused)
