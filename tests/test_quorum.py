@@ -697,3 +697,25 @@ def test_hostile_names_and_ids_in_a_decision_are_refused_before_the_database(led
     assert ledger.approval(aid).approved_by == []  # type: ignore[union-attr]
     refused = [e for e in ledger.events(workflow_id="-") if e.kind == "approval_refused"]
     assert len(refused) == 3 and all(e.owner == "fay" for e in refused)
+
+
+def test_a_reader_without_write_rights_still_leaves_superseded_requests_out(pg_url: str) -> None:
+    ledger = Ledger(pg_url)
+    ledger.migrate()
+    refunds = Refunds()
+    stale = pending_id(ledger, refund_call(5000), refunds, key=["order"])
+    live = pending_id(ledger, refund_call(5000, order="ord_2"), refunds, key=["order"])
+    ledger.run(refund_call(50), handler=refunds, key=["order"])  # a call site without approvals
+    url = sa.engine.make_url(pg_url)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE ROLE inbox_reader LOGIN PASSWORD 'reader-pw'"))
+        conn.execute(sa.text("GRANT SELECT ON ALL TABLES IN SCHEMA public TO inbox_reader"))
+    engine.dispose()
+    reader = Ledger(url.set(username="inbox_reader", password="reader-pw").render_as_string(hide_password=False))
+    assert [a.approval_id for a in reader.pending_approvals()] == [live]  # it cannot mark, but leaves it out
+    reader.close()
+    assert ledger.approval(stale).status is ApprovalStatus.PENDING  # type: ignore[union-attr]
+    assert [a.approval_id for a in ledger.pending_approvals()] == [live]  # a writer marks it
+    assert ledger.approval(stale).status is ApprovalStatus.SUPERSEDED  # type: ignore[union-attr]
+    ledger.close()

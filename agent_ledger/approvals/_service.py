@@ -26,7 +26,7 @@ from .._flow import utcnow
 from .._hide import hide
 from .._models import Approval, ApprovalStatus, approval_from_row
 from .._text import MAX_APPROVAL_ID, MAX_NAME, MAX_REASON, check_text, text_problem
-from ..errors import ApprovalRefused, ConfigurationError, InvalidArguments
+from ..errors import ApprovalRefused, ConfigurationError, InvalidArguments, StorageError
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
@@ -72,9 +72,11 @@ class ApprovalService:
     def pending(self, workflow_id: str | None = None, tool: str | None = None) -> list[Approval]:
         """Approval requests still waiting for a decision (oldest first), optionally filtered. A request
         whose key already holds a call with other arguments is left out: it can never be used."""
-        self.supersede_stale()  # a request whose key ran with other arguments can never run: not pending
         if any(v is not None and text_problem(v, MAX_NAME) is not None for v in (workflow_id, tool)):
             return []  # a name that could never have been stored matches nothing
+        # Such a request is marked superseded, and left out (``runnable``) even where it cannot be
+        # marked, e.g. by a read-only database user.
+        self._supersede_stale()
         rows = self._rt.do(
             self._rt.store.approvals(status="pending", workflow_id=workflow_id, tool=tool, now=utcnow(), runnable=True)
         )
@@ -150,12 +152,17 @@ class ApprovalService:
 
     # -- superseded requests ---------------------------------------------------------------
 
-    def supersede_stale(self) -> int:
+    def _supersede_stale(self) -> None:
         """Mark superseded every open request (pending or approved) whose key ran with other arguments,
-        audited, and tell the channels. Returns how many were marked."""
+        audited, and tell the channels (a write that fails, e.g. on a read-only database, is logged:
+        the next reader that can write marks them)."""
         now = utcnow()
         rows = self._rt.do(self._rt.store.open_superseded())
-        return sum(self._supersede(row, row["ran_with"], now, self.actor) for row in rows)
+        for row in rows:
+            try:
+                self._supersede(row, row["ran_with"], now, self.actor)
+            except StorageError as e:
+                log.warning("could not mark approval %s superseded: %s", row["id"], e)
 
     def supersede_others(self, key: str, payload_hash: str) -> int:
         """``key`` was claimed with ``payload_hash``: supersede its open requests for other payloads (the
