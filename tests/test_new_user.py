@@ -293,19 +293,19 @@ def test_a_request_whose_key_ran_with_other_arguments_cannot_be_decided(ledger: 
     assert ledger.run(call(200), handler=charge, **opts) == 200
     assert runs == [200]
 
-    # The 100 request can never be used (its key ran with amount=200): it is not listed, and deciding
-    # it is refused with a reason, audited.
+    # The 100 request can never be used (its key ran with amount=200): it is superseded, not listed,
+    # and deciding it is refused with a reason, audited.
     assert ledger.pending_approvals() == []
     dead = small.value.approval_id
     for decide in (lambda: ledger.approve(dead, by="alice"), lambda: ledger.reject(dead, by="bob", reason="no")):
         with pytest.raises(ApprovalRefused) as refused:
             decide()
-        assert "already ran with other arguments" in refused.value.why
+        assert refused.value.why == "superseded: the call ran with other arguments"
     refusals = [e for e in ledger.events(workflow_id="wf") if e.kind == "approval_refused"]
     assert [(e.owner, (e.detail or {}).get("approval_id")) for e in refusals] == [("alice", dead), ("bob", dead)]
-    assert all("already ran with other arguments" in (e.detail or {})["why"] for e in refusals)
+    assert all("the call ran with other arguments" in (e.detail or {})["why"] for e in refusals)
     stored = ledger.approval(dead)
-    assert stored is not None and stored.status.value == "pending"
+    assert stored is not None and stored.status.value == "superseded"
     with pytest.raises(PayloadMismatch):
         ledger.run(call(100), handler=charge, **opts)
     assert runs == [200]
