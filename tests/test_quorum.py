@@ -719,3 +719,19 @@ def test_a_reader_without_write_rights_still_leaves_superseded_requests_out(pg_u
     assert [a.approval_id for a in ledger.pending_approvals()] == [live]  # a writer marks it
     assert ledger.approval(stale).status is ApprovalStatus.SUPERSEDED  # type: ignore[union-attr]
     ledger.close()
+
+
+def test_on_behalf_of_follows_a_call_submitted_to_a_thread_pool(ledger: Ledger) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    @ledger.tool("refunds.issue", requires_approval=True)
+    def refund(order: str, amount: int) -> dict[str, Any]:
+        return {"refunded": amount}
+
+    with ledger.workflow("refund-3", on_behalf_of="alice") as wf, ThreadPoolExecutor(2) as pool:
+        future = wf.submit(pool, refund, "ord_3", 700)
+        with pytest.raises(ApprovalPending) as info:
+            future.result(timeout=60)
+    assert ledger.approval(info.value.approval_id).requested_by == "alice"  # type: ignore[union-attr]
+    with pytest.raises(ApprovalRefused, match="separation of duties"):
+        ledger.approve(info.value.approval_id, by="alice")
