@@ -295,8 +295,9 @@ def decide_approval(
     if status == "approved":
         if not live:
             return "expire"
-        if approvers is not None and approval["decided_by"] not in approvers:
-            # Approved under an older, looser allowlist: the tool's current list governs.
+        deciders = approval.get("approved_by") or [approval["decided_by"]]
+        if approvers is not None and any(name not in approvers for name in deciders):
+            # Approved (by one of its quorum) under an older, looser allowlist: the current list governs.
             return "request"
         return "use"
     if status == "pending":

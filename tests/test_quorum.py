@@ -317,6 +317,7 @@ def test_routing_rule_picks_the_group_and_is_fixed_on_the_request(ledger: Ledger
         ledger.approve(big, by="sam")
     assert ledger.approve(big, by="fay").status is ApprovalStatus.APPROVED
     assert ledger.approve(small, by="sue").status is ApprovalStatus.APPROVED
+    groups["finance"] = list(FINANCE)  # using an approval needs its approvers to be allowed still
     assert ledger.run(refund_call(2500, "ord_big"), handler=refunds, requires_approval=True, approvers=route) == {
         "refunded": 2500
     }
@@ -735,3 +736,14 @@ def test_on_behalf_of_follows_a_call_submitted_to_a_thread_pool(ledger: Ledger) 
     assert ledger.approval(info.value.approval_id).requested_by == "alice"  # type: ignore[union-attr]
     with pytest.raises(ApprovalRefused, match="separation of duties"):
         ledger.approve(info.value.approval_id, by="alice")
+
+
+def test_an_approval_is_used_only_while_all_its_approvers_are_still_allowed() -> None:
+    from agent_ledger._decide import decide_approval
+
+    approved = request_row(status="approved", approved_by=["fay", "sam"], decided_by="sam")
+    assert decide_approval(approved, NOW, ("fay", "sam")) == "use"
+    assert decide_approval(approved, NOW, ("fay", "fred")) == "request"  # sam is no longer allowed
+    assert decide_approval(approved, NOW, None) == "use"
+    old = request_row(status="approved", approved_by=None, decided_by="fay")  # decided before quorums
+    assert decide_approval(old, NOW, ("fay",)) == "use" and decide_approval(old, NOW, ("fred",)) == "request"
