@@ -17,8 +17,6 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 
-LOG = os.environ["UPSTREAM_LOG"]
-
 TOOLS = [
     types.Tool(
         name="charge",
@@ -55,7 +53,8 @@ TOOLS = [
 
 
 def _log(name: str, args: dict[str, Any], meta: Any) -> None:
-    with open(LOG, "a") as f:
+    # Read when a tool runs, not at import: the docs plugin imports every module under tests/.
+    with open(os.environ["UPSTREAM_LOG"], "a") as f:
         f.write(json.dumps({"tool": name, "args": args, "meta": dict(meta or {}), "pid": os.getpid()}) + "\n")
         f.flush()
         os.fsync(f.fileno())
