@@ -7,6 +7,7 @@ arguments; an approval only counts if its decider is on the tool's current allow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -256,10 +257,15 @@ def _doc_block() -> str:
 def _raw_post(port: int, path: str, headers: dict[str, str], body: bytes) -> int:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         head = f"POST {path} HTTP/1.1\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        conn.sendall(head.encode("latin-1") + b"\r\n" + body)
+        # The server may answer (a refusal) and close before reading the whole body: then read its answer.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            conn.sendall(head.encode("latin-1") + b"\r\n" + body)
         answer = b""
         while b"\r\n" not in answer:
-            chunk = conn.recv(4096)
+            try:
+                chunk = conn.recv(4096)
+            except ConnectionResetError:
+                break
             if not chunk:
                 break
             answer += chunk
