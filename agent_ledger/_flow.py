@@ -677,21 +677,8 @@ def _finish(plan: Plan, attempt: int) -> dict[str, Any]:
 def _run_claimed(
     plan: Plan, attempt: int, reconcile_first: bool, approval_id: str | None = None
 ) -> Generator[Op, Any, Any]:
-    effect = Effect(  # built inline (not with _effect/_finish): this is the hot path of a new call
-        key=plan.key,
-        idem_key=plan.key,
-        attempt=attempt,
-        workflow_id=plan.workflow_id,
-        tool=plan.tool,
-        args=plan.call_args,
-    )
-    finish: dict[str, Any] = {
-        "key": plan.key,
-        "workflow_id": plan.workflow_id,
-        "tool": plan.tool,
-        "owner": plan.owner,
-        "attempt": attempt,
-    }
+    effect = _effect(plan, attempt)
+    finish = _finish(plan, attempt)
     handle = yield Beat(plan.key, plan.owner, attempt, plan.lease)
     try:
         detail: dict[str, Any] = {}
