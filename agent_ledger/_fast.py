@@ -20,7 +20,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -224,6 +224,7 @@ class SyncPool:
         context: Any = None,
         uri: bool = False,
         readonly: bool = False,
+        setup: Callable[[Any], None] | None = None,
     ) -> None:
         self.dialect = dialect
         self.target = target
@@ -238,6 +239,8 @@ class SyncPool:
         self.uri = uri
         """SQLite: ``target`` is a ``file:`` URI carrying the URL's options (``mode=ro``, ...)."""
         self.readonly = readonly
+        self.setup = setup
+        """Postgres: run on each new connection before its first statement (``_pooling.Pooling.setup``)."""
         self._idle: list[tuple[Any, float]] = []
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)
@@ -254,7 +257,14 @@ class SyncPool:
         if self.dialect == "postgresql":
             import psycopg
 
-            return psycopg.connect(self.target, autocommit=True, context=self.context)
+            pg = psycopg.connect(self.target, autocommit=True, context=self.context)
+            if self.setup is not None:
+                try:
+                    self.setup(pg)
+                except BaseException:
+                    self._close(pg)
+                    raise
+            return pg
         conn = sqlite3.connect(
             self.target, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False, uri=self.uri
         )
@@ -350,10 +360,13 @@ class AsyncPool:
         limit: int | None = DEFAULT_POOL_LIMIT,
         timeout: float = DEFAULT_POOL_TIMEOUT,
         context: Any = None,
+        setup: Callable[[Any], Awaitable[None]] | None = None,
     ) -> None:
         import psycopg
 
         self.target = target
+        self.setup = setup
+        """Run on each new connection before its first statement (``_pooling.Pooling.asetup``)."""
         self.limit = limit
         self.timeout = timeout
         self.max_idle = limit if limit is not None else 10
@@ -372,7 +385,14 @@ class AsyncPool:
     async def _connect(self) -> Any:
         import psycopg
 
-        return await psycopg.AsyncConnection.connect(self.target, autocommit=True, context=self.context)
+        conn = await psycopg.AsyncConnection.connect(self.target, autocommit=True, context=self.context)
+        if self.setup is not None:
+            try:
+                await self.setup(conn)
+            except BaseException:
+                await self._close(conn)
+                raise
+        return conn
 
     async def acquire(self) -> Any:
         """An idle connection (pinged if it sat idle long), or a new one; waits while the pool is full."""

@@ -54,6 +54,7 @@ from ._flow import (
     utcnow,
 )
 from ._hide import hide, hide_url, password_of, remember
+from ._pooling import Pooling, split_pooling
 from ._schema import Tables
 from ._store import Store, Work
 from ._telemetry import CallObserver
@@ -62,7 +63,7 @@ from .errors import ConfigurationError, SchemaMissing, StorageError
 if TYPE_CHECKING:
     from .approvals._service import ApprovalService
 
-__all__ = ["Runtime", "normalise_url", "sqlite_file"]
+__all__ = ["Runtime", "normalise_url", "pooling_mode", "sqlite_file"]
 
 log = logging.getLogger("agent_ledger")
 
@@ -74,7 +75,8 @@ def normalise_url(url: str) -> tuple[str, str, str]:
     """(dialect, sync URL, async URL) for a user's database URL; refuses what the ledger cannot use.
 
     Messages show the URL with its password masked, and the password is remembered so that driver
-    errors quoting it are masked too (``_hide``).
+    errors quoting it are masked too (``_hide``). The ``?pgbouncer=`` option is checked and removed
+    (``pooling_mode`` reads it).
     """
     remember(password_of(url))
     shown = hide_url(url)
@@ -84,6 +86,7 @@ def normalise_url(url: str) -> tuple[str, str, str]:
         # Not chained: the parser's own message may quote the whole URL, password included.
         raise ConfigurationError(f"cannot parse database URL {shown!r}: {hide(str(e)).replace(url, shown)}") from None
     remember(u.password if isinstance(u.password, str) else None)
+    u, _ = split_pooling(u, shown, url)
     backend = u.get_backend_name()
     driver = u.get_driver_name() if "+" in u.drivername else None
     if backend in ("postgresql", "postgres"):
@@ -113,6 +116,12 @@ def normalise_url(url: str) -> tuple[str, str, str]:
     raise ConfigurationError(
         f"database URL {shown!r}: agent_ledger supports postgresql+psycopg:// and sqlite:/// URLs, not {u.drivername!r}"
     )
+
+
+def pooling_mode(url: str) -> str | None:
+    """The ``?pgbouncer=`` option of a URL that ``normalise_url`` accepted (``transaction``, ``session``
+    or None)."""
+    return split_pooling(make_url(url), hide_url(url), url)[1]
 
 
 _SQLITE_URI_OPTIONS = frozenset({"mode", "cache", "immutable", "nolock", "vfs", "psow"})
@@ -298,6 +307,9 @@ class Runtime:
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.dialect, self.sync_url, self.async_url = normalise_url(url)
+        self.pooling = Pooling(pooling_mode(url), self.dialect)
+        """Whether a transaction pooler (PgBouncer) is in between: the ``?pgbouncer=`` option, or detected
+        on the first connection (``_pooling``). Behind one, no connection prepares statements."""
         self.approvals: ApprovalService | None = None
         """Carries out ``Notify`` (set by the ``Ledger`` that owns this runtime)."""
         self.owner = make_owner()
@@ -329,6 +341,20 @@ class Runtime:
         of the typed hot operations (tests/test_hot_contract.py compares the two)."""
         _live.add(self)
 
+    @property
+    def listen_ok(self) -> bool:
+        """Whether a ``LISTEN`` keeps receiving notifications: True only on Postgres once the first connection
+        showed no transaction pooler in between (or with ``?pgbouncer=session``). False on SQLite, with
+        ``?pgbouncer=transaction``, behind a detected pooler, and before the first connection was checked.
+        Code that would ``LISTEN`` (e.g. to wake waiters) must poll instead when this is False."""
+        return self.pooling.listen_ok
+
+    @property
+    def prepare_threshold(self) -> int | None:
+        """psycopg's ``prepare_threshold`` for a connection this runtime opens: None (never prepare) behind
+        a transaction pooler or before that is known, else psycopg's default."""
+        return self.pooling.prepare_threshold
+
     # -- engines ---------------------------------------------------------------------------
 
     def _options(self, *, is_async: bool) -> dict[str, Any]:
@@ -350,6 +376,7 @@ class Runtime:
                     if self.dialect == "sqlite":
                         _sqlite_events(eng, self._busy_timeout, self._readonly)
                     else:
+                        self.pooling.install(eng)
                         install_idle_ping(eng)
                     self._hot = Hot(self.store, eng.dialect)
                     self._engine = eng
@@ -380,6 +407,7 @@ class Runtime:
             context=self._adapters() if self.dialect == "postgresql" else None,
             uri=uri,
             readonly=self._readonly,
+            setup=self.pooling.setup if self.dialect == "postgresql" else None,
         )
 
     def _sqlite_executor(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -415,7 +443,11 @@ class Runtime:
         pool = self._apools.get(loop)
         if pool is None:
             pool = self._apools[loop] = AsyncPool(
-                self._driver_target(), limit=self._pool_limit, timeout=self._pool_timeout, context=self._adapters()
+                self._driver_target(),
+                limit=self._pool_limit,
+                timeout=self._pool_timeout,
+                context=self._adapters(),
+                setup=self.pooling.asetup,
             )
         return pool
 
@@ -429,6 +461,7 @@ class Runtime:
             if self.dialect == "sqlite":
                 _sqlite_events(eng.sync_engine, self._busy_timeout, self._readonly)
             else:
+                self.pooling.install(eng.sync_engine)
                 install_idle_ping(eng.sync_engine)
             self._aengines[loop] = eng
         return eng

@@ -1,8 +1,9 @@
 """Alembic environment of agent_ledger's own migrations (standalone mode).
 
 Used by ``agent-ledger migrate`` / ``Ledger.migrate()`` and by ``alembic -c alembic.ini upgrade head``
-(the URL comes from ``sqlalchemy.url`` or ``$AGENT_LEDGER_URL``). A host application does not use this
-file: it adds ``agent_ledger.migrations_path()`` to its own ``version_locations``.
+(the URL comes from ``sqlalchemy.url`` or ``$AGENT_LEDGER_URL``, and may carry ``?pgbouncer=transaction``).
+A host application does not use this file: it adds ``agent_ledger.migrations_path()`` to its own
+``version_locations``.
 """
 
 from __future__ import annotations
@@ -45,9 +46,12 @@ def run() -> None:
     url = config.get_main_option("sqlalchemy.url") or os.environ.get("AGENT_LEDGER_URL")
     if not url:
         raise SystemExit("set sqlalchemy.url in alembic.ini or AGENT_LEDGER_URL")
-    from agent_ledger._runtime import normalise_url
+    from agent_ledger._pooling import Pooling
+    from agent_ledger._runtime import normalise_url, pooling_mode
 
-    engine = create_engine(normalise_url(url)[1])
+    dialect, sync_url, _ = normalise_url(url)  # ?pgbouncer= is checked and taken out of the URL
+    engine = create_engine(sync_url)
+    Pooling(pooling_mode(url), dialect).install(engine)  # no prepared statements behind a transaction pooler
     with engine.connect() as conn:
         _run(conn)
         conn.commit()

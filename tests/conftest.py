@@ -13,7 +13,11 @@ Fixtures:
 * ``postgresql`` (function) psycopg connection to the per-test database (pytest-postgresql).
 * ``pg_url``     (function) SQLAlchemy URL of the per-test database.
 * ``sqlite_url`` (function) SQLAlchemy URL of a fresh SQLite file under tmp_path.
-* ``db_url``     (function) parametrised over ids ``sqlite`` and ``postgres``.
+* ``db_url``     (function) parametrised over ids ``sqlite`` and ``postgres``; in a module or test
+  marked ``pytest.mark.pgbouncer``, also ``pgbouncer``.
+* ``pg_bouncer`` (session) a PgBouncer in transaction pooling mode (tests/_pgbouncer.py) in front of the
+  session's Postgres, started on first use.
+* ``pgbouncer_url`` (function) the ``pg_url`` database through ``pg_bouncer``, with ``?pgbouncer=transaction``.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from pytest_postgresql.executors import NoopExecutor
 pytest_plugins = ["pytester"]
 
 try:  # repo root importable (python -m pytest, editable install, or tests/ is a package)
+    from tests._pgbouncer import PgBouncer, PgBouncerError
     from tests._pgserver import PgServer, PgServerError
 except ImportError:  # plain `pytest` with rootdir-conftest: tests/ itself is on sys.path
+    from _pgbouncer import PgBouncer, PgBouncerError  # type: ignore[no-redef,import-not-found,unused-ignore]
     from _pgserver import PgServer, PgServerError  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 _PG_SERVER_KEY = pytest.StashKey["PgServer | None"]()
@@ -188,11 +194,55 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/ledger.db"
 
 
-@pytest.fixture(params=["sqlite", "postgres"], ids=["sqlite", "postgres"])
+@pytest.fixture(scope="session")
+def pg_bouncer(postgresql_noproc: NoopExecutor) -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction pooling mode in front of the session's Postgres (every database name is
+    passed through), started on first use and stopped at the end of the session."""
+    server = postgresql_noproc
+    try:
+        bouncer = PgBouncer(server.host, int(server.port), server.user, server.password or None)
+        bouncer.start()
+    except PgBouncerError as exc:
+        pytest.fail(f"Could not start the test PgBouncer: {exc}", pytrace=False)
+    yield bouncer
+    bouncer.close()
+
+
+@pytest.fixture
+def pgbouncer_url(pg_url: str, pg_bouncer: PgBouncer) -> str:
+    """The fresh per-test database of ``pg_url``, reached through ``pg_bouncer`` (transaction pooling), with
+    ``?pgbouncer=transaction``."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url).set(host=pg_bouncer.host, port=pg_bouncer.port)
+    return url.update_query_dict({"pgbouncer": "transaction"}).render_as_string(hide_password=False)
+
+
+BACKENDS = ("sqlite", "postgres")
+"""The ``db_url`` backends every storage test runs on."""
+
+BACKENDS_WITH_PGBOUNCER = (*BACKENDS, "pgbouncer")
+"""The ``db_url`` backends of tests marked ``pytest.mark.pgbouncer``: also Postgres through PgBouncer."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``pgbouncer`` that use ``db_url`` also run through PgBouncer: a ``parametrize`` mark
+    on ``db_url`` takes precedence over the fixture's own params."""
+    if "db_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker("pgbouncer"):
+        metafunc.definition.add_marker(
+            pytest.mark.parametrize("db_url", BACKENDS_WITH_PGBOUNCER, indirect=True, ids=BACKENDS_WITH_PGBOUNCER)
+        )
+
+
+@pytest.fixture(params=BACKENDS, ids=BACKENDS)
 def db_url(request: pytest.FixtureRequest) -> str:
-    """A fresh database URL on each backend: runs the test once on SQLite, once on Postgres."""
+    """A fresh database URL on each backend: runs the test once on SQLite, once on Postgres (and, when
+    marked ``pgbouncer``, once on Postgres through PgBouncer in transaction pooling mode)."""
     if request.param == "sqlite":
         return str(request.getfixturevalue("sqlite_url"))
+    if request.param == "pgbouncer":
+        return str(request.getfixturevalue("pgbouncer_url"))
     return str(request.getfixturevalue("pg_url"))
 
 

@@ -24,7 +24,7 @@ from _workers import read_lines, stale_claim
 
 from agent_ledger import InProgress, Ledger, OutcomeUnknown, Status, ToolCall
 
-pytestmark = pytest.mark.adversarial
+pytestmark = [pytest.mark.adversarial, pytest.mark.pgbouncer]
 ctx = mp.get_context("spawn")
 
 
