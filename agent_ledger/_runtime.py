@@ -242,6 +242,13 @@ def _storage_error(e: exc.SQLAlchemyError, label: str) -> StorageError:
             )
         return StorageError(f'the Postgres role "{name}" does not exist on that server: check the user in the URL')
     low = text.lower() + type(getattr(e, "orig", e)).__name__.lower()
+    if "prepared statement" in low and ("does not exist" in low or "already exists" in low):
+        # psycopg prepares a statement on one server session; a transaction pooler ran the next one elsewhere.
+        return StorageError(
+            f"database error during {label or 'a ledger operation'}: {text.strip()}. A transaction-pooling "
+            f"PgBouncer (or another pooler) is between the ledger and Postgres while the URL says server sessions "
+            f"are kept: add ?pgbouncer=transaction to the URL (see docs/storage.md)"
+        )
     if any(h in low for h in _MISSING_SCHEMA_HINTS):
         return SchemaMissing(
             f"the ledger's tables are missing or out of date ({text.strip()}): run "

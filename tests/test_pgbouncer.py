@@ -132,6 +132,8 @@ def test_prepared_statements_break_transaction_pooling_unless_turned_off(
         assert failed, "prepared statements through transaction pooling should have failed"
         for _i, error in failed:
             assert 'prepared statement "_pg3_' in error and "does not exist" in error, error
+            # Told what to do (not "run agent-ledger migrate": the tables are there).
+            assert error.startswith("StorageError") and "add ?pgbouncer=transaction to the URL" in error, error
     else:
         assert failed == []
     assert all(n == 1 for n in executions.values()), executions
