@@ -3,7 +3,7 @@
 #
 # The Postgres tests start their own throwaway server (tests/_pgserver.py) on a free
 # port of 127.0.0.1, so only the PostgreSQL server binaries are needed; no running
-# server, no configuration.  To use an existing server instead pass
+# server, no configuration. The same goes for PgBouncer (tests/_pgbouncer.py).  To use an existing server instead pass
 # --postgresql-port=PORT (and --postgresql-host/--postgresql-user/--postgresql-password).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -41,6 +41,36 @@ if ! have_pg_binaries; then
 scripts/test.sh: PostgreSQL server binaries (initdb, pg_ctl, postgres) not found.
 Install them, e.g. on Debian/Ubuntu: sudo apt-get install -y postgresql
 (or set AGENT_LEDGER_PG_BIN to a directory holding initdb, pg_ctl and postgres).
+MSG
+        exit 1
+    fi
+fi
+
+# PgBouncer: tests marked pgbouncer (tests/_pgbouncer.py) run Postgres tests through a throwaway
+# pgbouncer in transaction pooling mode as well. Debian puts it in /usr/sbin.
+have_pgbouncer() {
+    if [ -n "${AGENT_LEDGER_PGBOUNCER:-}" ]; then
+        [ -x "$AGENT_LEDGER_PGBOUNCER" ] && return 0
+        echo "scripts/test.sh: AGENT_LEDGER_PGBOUNCER=$AGENT_LEDGER_PGBOUNCER is not executable" >&2
+        exit 1
+    fi
+    command -v pgbouncer >/dev/null 2>&1 && return 0
+    [ -x /usr/sbin/pgbouncer ] || [ -x /usr/local/sbin/pgbouncer ]
+}
+
+if ! have_pgbouncer; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "scripts/test.sh: pgbouncer not found; installing the Debian package pgbouncer" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        # The tests start their own pgbouncer on a free port; the package's service is not used.
+        apt-get install -y -q pgbouncer </dev/null
+        have_pgbouncer || { echo "scripts/test.sh: pgbouncer installed but not found" >&2; exit 1; }
+    else
+        cat >&2 <<'MSG'
+scripts/test.sh: pgbouncer not found (the PgBouncer tests need it).
+Install it, e.g. on Debian/Ubuntu: sudo apt-get install -y pgbouncer
+(or set AGENT_LEDGER_PGBOUNCER to the pgbouncer binary).
 MSG
         exit 1
     fi
