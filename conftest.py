@@ -148,6 +148,23 @@ def pg_env(_docs_block_sandbox: None, request: pytest.FixtureRequest, monkeypatc
 
 
 @pytest.fixture
+def pgbouncer_env(pg_env: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """``pg_env``'s database through a throwaway PgBouncer in transaction pooling mode (tests/_pgbouncer.py),
+    in ``$PGBOUNCER_URL`` with ``?pgbouncer=transaction``."""
+    try:
+        from tests._pgbouncer import PgBouncer
+    except ImportError:  # pragma: no cover - tests/ itself on sys.path
+        from _pgbouncer import PgBouncer  # type: ignore[no-redef]
+
+    option = request.config.option
+    password = getattr(option, "postgresql_password", None) or None
+    with PgBouncer(option.postgresql_host, int(option.postgresql_port), option.postgresql_user, password) as bouncer:
+        url = bouncer.url(pg_env)
+        monkeypatch.setenv("PGBOUNCER_URL", url)
+        yield url
+
+
+@pytest.fixture
 def chat_model(_docs_block_sandbox: None) -> Any:
     """A LangChain chat model stand-in: asks for ``charge(customer="cus_123", amount=100)``, then answers."""
     from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
