@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                # starts its own throwaway Postgres (like the tests)
     python benchmarks/run.py --pg-url postgresql+psycopg://user@host/db   # or use yours
+    python benchmarks/run.py --pgbouncer    # the Postgres lines through a PgBouncer (transaction pooling)
 
 For each path (a new call and a replay; sync and async; SQLite and Postgres) it measures p50 and p99
 of the time per call and, in the same run, the floor: the minimum SQL for the same work on the raw
@@ -37,10 +38,20 @@ sys.path.insert(0, str(ROOT / "tests"))  # for the throwaway Postgres server the
 
 import psycopg  # noqa: E402
 from psycopg.types.json import Jsonb  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
 
 from agent_ledger import Ledger, ToolCall  # noqa: E402
 
 TARGETS = {"new": 1.5, "replay": 2.0}
+
+BOUNCED = "AGENT_LEDGER_BENCH_PGBOUNCER"
+"""Set (to 1) by ``--pgbouncer`` in this process's environment, so spawned workers see it too."""
+
+
+def pg_options() -> dict[str, Any]:
+    """Keyword arguments for the floor's raw ``psycopg.connect``: behind PgBouncer in transaction pooling it
+    cannot prepare statements either (``prepare_threshold=None``, as the ledger's ``?pgbouncer=transaction``)."""
+    return {"prepare_threshold": None} if os.environ.get(BOUNCED) else {}
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -108,7 +119,7 @@ Pair = tuple[Callable[[int], Any], Callable[[int], Any], Callable[[], Any]]
 def floor_pg_sync(conninfo: str, table: str) -> Pair:
     run = uuid.uuid4().hex[:8]
     claim, complete, select = floor_sql(table, "%s")
-    conn = psycopg.connect(conninfo, autocommit=True)
+    conn = psycopg.connect(conninfo, autocommit=True, **pg_options())
 
     def new(i: int) -> None:
         key = f"floor-{run}-{i}"
@@ -124,7 +135,7 @@ def floor_pg_sync(conninfo: str, table: str) -> Pair:
 async def floor_pg_async(conninfo: str, table: str) -> Pair:
     run = uuid.uuid4().hex[:8]
     claim, complete, select = floor_sql(table, "%s")
-    conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+    conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, **pg_options())
 
     async def new(i: int) -> None:
         key = f"afloor-{run}-{i}"
@@ -423,8 +434,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20, help="alternating floor/ledger blocks per path")
     parser.add_argument("--out", default=str(ROOT / "docs" / "performance"), help="where to write results")
     parser.add_argument("--no-processes", action="store_true", help="skip throughput and waiter measurements")
+    parser.add_argument(
+        "--pgbouncer",
+        action="store_true",
+        help="run the Postgres lines (ledger and floor) through a throwaway PgBouncer in transaction pooling mode "
+        "(tests/_pgbouncer.py) in front of the Postgres; results go to <out>/pgbouncer",
+    )
     args = parser.parse_args()
-    server = None
+    server = bouncer = None
     if args.pg_url:
         pg_url = args.pg_url
     else:
@@ -433,12 +450,25 @@ def main() -> int:
         server = PgServer()
         server.start()
         pg_url = server.url("postgres")
+    if args.pgbouncer:
+        from _pgbouncer import PgBouncer
+
+        direct = make_url(pg_url)
+        bouncer = PgBouncer(str(direct.host or "127.0.0.1"), direct.port or 5432, str(direct.username), direct.password)
+        bouncer.start()
+        pg_url = direct.set(host=bouncer.host, port=bouncer.port).update_query_dict({"pgbouncer": "transaction"})
+        pg_url = pg_url.render_as_string(hide_password=False)
+        os.environ[BOUNCED] = "1"
+        args.out = str(Path(args.out) / "pgbouncer")
+        print(f"through PgBouncer {bouncer.host}:{bouncer.port} (pool_mode=transaction) -> {direct.host}:{direct.port}")
     tmp = tempfile.mkdtemp(prefix="agent-ledger-bench-")
     sqlite_url = f"sqlite:///{tmp}/bench.db"
     try:
         Ledger(pg_url).migrate()
         Ledger(sqlite_url).migrate()
-        conninfo = pg_url.replace("postgresql+psycopg://", "postgresql://")
+        # The floor's libpq URL: without ?pgbouncer=, which only the ledger understands.
+        conninfo = make_url(pg_url).difference_update_query(["pgbouncer"]).set(drivername="postgresql")
+        conninfo = conninfo.render_as_string(hide_password=False)
         table = "agent_ledger_effects"
         n, warm, rounds = args.n, args.warm, args.rounds
         rows = []
@@ -523,6 +553,8 @@ def main() -> int:
             print("targets missed: " + ", ".join(missed))
         return 0
     finally:
+        if bouncer is not None:
+            bouncer.close()
         if server is not None:
             server.close()
 
