@@ -40,6 +40,8 @@ from agent_ledger._store import (
     row_from_mapping,
 )
 
+pytestmark = pytest.mark.pgbouncer  # the hot path and its reference agree through PgBouncer too
+
 T0 = dt.datetime(2026, 12, 1, 9, 0, tzinfo=dt.timezone.utc)
 
 

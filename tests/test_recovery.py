@@ -28,6 +28,8 @@ from agent_ledger import (
     compute_key,
 )
 
+pytestmark = pytest.mark.pgbouncer  # leases, takeovers and sweeps also through PgBouncer
+
 CALL = ToolCall(workflow_id="order-1", tool="stripe.charge", args={"amount": 100})
 KEY = compute_key("order-1", "stripe.charge", {"amount": 100})
 
