@@ -210,9 +210,19 @@ def test_concurrent_sweepers_each_settle_different_rows(db_url: str, ledger: Led
         assert [e.kind for e in rec.events] == ["marked_unknown"]
 
 
-def test_postgres_restart_mid_flight(pg_server_factory: Callable[..., Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize("via", ["direct", "pgbouncer"])
+def test_postgres_restart_mid_flight(
+    pg_server_factory: Callable[..., Any], tmp_path: Path, via: str, request: pytest.FixtureRequest
+) -> None:
     server = pg_server_factory()
     url = server.url("postgres")
+    if via == "pgbouncer":  # the outage behind a PgBouncer: it reconnects to the restarted server
+        from _pgbouncer import PgBouncer
+
+        bouncer = PgBouncer(server.host, server.port, server.user)
+        bouncer.start()
+        request.addfinalizer(bouncer.close)
+        url = bouncer.url("postgres")
     led = Ledger(url)
     led.migrate()
     log, results = str(tmp_path / "steady.log"), ctx.Queue()
