@@ -67,7 +67,7 @@ def _quote_ini(value: str) -> str:
 
 
 def _stop(pid: int) -> None:
-    """Finalizer: stop a PgBouncer still running (SIGTERM, then SIGKILL)."""
+    """Finalizer: stop a PgBouncer still running (SIGTERM: it exits at once, dropping its connections)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGTERM)
 
