@@ -10,6 +10,7 @@ from ._decide import APPROVAL_TRANSITIONS, TRANSITIONS
 from ._flow import NOT_EXECUTED
 from ._keys import compute_key, payload_hash
 from ._ledger import CallOptions, Ledger, Tool, Workflow, current_workflow
+from ._limits import Limit
 from ._migrate import migrations_path
 from ._models import (
     Approval,
@@ -18,6 +19,7 @@ from ._models import (
     Effect,
     EffectRecord,
     ErrorInfo,
+    LimitUsage,
     RecoveryReport,
     Status,
     ToolCall,
@@ -33,6 +35,7 @@ from .errors import (
     InProgress,
     InvalidArguments,
     LedgerError,
+    LimitExceeded,
     NoWorkflow,
     OutcomeUnknown,
     PayloadMismatch,
@@ -69,6 +72,9 @@ __all__ = [
     "InvalidArguments",
     "Ledger",
     "LedgerError",
+    "Limit",
+    "LimitExceeded",
+    "LimitUsage",
     "NoWorkflow",
     "OutcomeUnknown",
     "PayloadMismatch",

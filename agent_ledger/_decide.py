@@ -42,6 +42,7 @@ from .errors import IllegalTransition
 __all__ = [
     "APPROVAL_TRANSITIONS",
     "TRANSITIONS",
+    "Charge",
     "Claim",
     "Decision",
     "MarkUnknown",
@@ -60,6 +61,7 @@ __all__ = [
     "judge_vote",
     "decide",
     "decide_approval",
+    "decide_limit",
     "error_matches",
     "lease_over",
     "transition",
@@ -359,3 +361,42 @@ def judge_vote(
         return Vote("reject")
     quorum = int(approval.get("quorum") or 1)
     return Vote("approve" if len(approved_by) + 1 >= quorum else "vote")
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What one execution of a call consumes from one budget (a declared ``Limit`` applied to the call).
+
+    The budget is the usage row (``name``, ``scope``, ``window_start``); ``amount`` is added to its
+    ``used`` in the transaction that claims the key, and only if the sum stays within ``max`` (or
+    unconditionally when ``forced``: a call a human approved past the limit).
+    """
+
+    name: str
+    scope: str
+    per: str
+    """``workflow``, ``tool``, ``ledger`` or ``custom`` (a callable scope)."""
+    tool: str | None
+    """The tool the limit was declared on (None: the ledger's or a call's own limit covering any tool)."""
+    window_start: datetime
+    window_end: datetime | None
+    amount: float
+    max: float
+    on_exceed: Literal["raise", "approval"] = "raise"
+    forced: bool = False
+
+    @property
+    def budget(self) -> tuple[str, str, datetime]:
+        """The usage row this charge goes to."""
+        return (self.name, self.scope, self.window_start)
+
+
+def decide_limit(charges: Collection[Charge], used: Mapping[tuple[str, str, datetime], float]) -> Charge | None:
+    """The first charge that does not fit its budget, given what each budget has ``used`` (a missing
+    budget has used nothing); None when every charge fits. A forced charge always fits."""
+    for charge in charges:
+        if charge.forced:
+            continue
+        if used.get(charge.budget, 0.0) + charge.amount > charge.max:
+            return charge
+    return None

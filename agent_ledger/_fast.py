@@ -28,7 +28,19 @@ from typing import Any
 from sqlalchemy import JSON, Dialect, Engine, event, exc
 
 from ._schema import UTCDateTime
-from ._store import LOOKUP_COLUMNS, AppendEvents, ClaimNew, ClaimOrLoad, Finish, Lookup, Store, Work
+from ._store import (
+    EXCEEDED,
+    LIMIT_MARK,
+    LOOKUP_COLUMNS,
+    AppendEvents,
+    ClaimNew,
+    ClaimOrLoad,
+    Finish,
+    Lookup,
+    Store,
+    Work,
+    charge_binds,
+)
 from .errors import InvalidArguments
 
 __all__ = [
@@ -460,12 +472,30 @@ class Hot:
         self.event = _compile(statements.event, dialect)
         audited = statements.complete_audited
         self.finish = _compile(audited, dialect) if audited is not None else None
+        self.charge = _compile(statements.charge, dialect)
+        self._limited: dict[int, _Sql] = {}
         self.columns = LOOKUP_COLUMNS
         self.results = {
             c.name: proc
             for c in statements.lookup.selected_columns
             if (proc := _result_processor(c.type, dialect)) is not None
         }
+
+    def limited(self, op: ClaimNew) -> tuple[str, dict[str, Any], bool]:
+        """Postgres: the step of a claim with charges (one statement; compiled once per charge count)."""
+        n = len(op.charges)
+        spec = self._limited.get(n)
+        if spec is None:
+            spec = self._limited[n] = _compile(self.store.hot.limited_claim(n), self.dialect)
+        return spec.sql, self.params(spec, op.limited_binds()), True
+
+    def _charged(self, conn: Any, op: ClaimNew) -> bool:
+        """SQLite, inside the claim's transaction: consume each charge; False when one does not fit."""
+        for charge in op.charges:
+            paid = conn.execute(self.charge.sql, self.params(self.charge, charge_binds(charge, op.now))).fetchone()
+            if paid is None:
+                return False
+        return True
 
     def expect_new(self) -> bool:
         """Whether the next call is more likely a new key than a replay (recent history of this ledger)."""
@@ -547,13 +577,23 @@ class Hot:
             if answer is not HOP:
                 return answer
             assert isinstance(op, ClaimOrLoad)
-            won = yield self.claim.sql, self.params(self.claim, op.binds()), True
+            if op.charges:
+                won = yield self.limited(op)
+                if won is EXCEEDED:
+                    return EXCEEDED
+            else:
+                won = yield self.claim.sql, self.params(self.claim, op.binds()), True
             self.saw(new=True)
             return {"claimed": True} if won is not None else None
         if isinstance(op, ClaimOrLoad):
             # Most recent calls were new keys: claim first (one round trip for a new call), and read
             # the stored row only if the key turned out to exist.
-            won = yield self.claim.sql, self.params(self.claim, op.binds()), True
+            if op.charges:
+                won = yield self.limited(op)
+                if won is EXCEEDED:
+                    return EXCEEDED
+            else:
+                won = yield self.claim.sql, self.params(self.claim, op.binds()), True
             if won is not None:
                 self.saw(new=True)
                 return {"claimed": True}  # the flow needs nothing else of a row it just created
@@ -561,7 +601,12 @@ class Hot:
             self.saw(new=False)
             return {"claimed": False, **self.row(found)} if found is not None else None
         if isinstance(op, ClaimNew):
-            found = yield self.claim.sql, self.params(self.claim, op.binds()), True
+            if op.charges:
+                found = yield self.limited(op)
+                if found is EXCEEDED:
+                    return EXCEEDED
+            else:
+                found = yield self.claim.sql, self.params(self.claim, op.binds()), True
             return {"attempt": found[0]} if found is not None else None
         raise AssertionError(op)  # pragma: no cover
 
@@ -576,7 +621,13 @@ class Hot:
         try:
             while True:
                 sql, params, fetch = steps.send(got)
-                cur = conn.execute(sql, params)
+                try:
+                    cur = conn.execute(sql, params)
+                except Exception as e:
+                    if LIMIT_MARK not in str(e):
+                        raise
+                    got = EXCEEDED  # a limited claim over budget: the statement rolled back as a whole
+                    continue
                 got = cur.fetchone() if fetch else cur.rowcount
         except StopIteration as done:
             return done.value
@@ -594,6 +645,9 @@ class Hot:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 won = conn.execute(self.claim.sql, self.params(self.claim, op.binds())).fetchone()
+                if won is not None and op.charges and not self._charged(conn, op):
+                    conn.execute("ROLLBACK")  # the claim and every charge, or nothing
+                    return EXCEEDED
                 found = (
                     None
                     if won is not None
@@ -615,6 +669,9 @@ class Hot:
                 return None
             if isinstance(op, ClaimNew):
                 found = conn.execute(self.claim.sql, self.params(self.claim, op.binds())).fetchone()
+                if found is not None and op.charges and not self._charged(conn, op):
+                    conn.execute("ROLLBACK")
+                    return EXCEEDED
                 out: Any = {"attempt": found[0]} if found is not None else None
             elif isinstance(op, Finish):
                 out = conn.execute(self.complete.sql, self.params(self.complete, op.binds())).rowcount
@@ -688,7 +745,13 @@ class Hot:
         try:
             while True:
                 sql, params, fetch = steps.send(got)
-                cur = await conn.execute(sql, params)
+                try:
+                    cur = await conn.execute(sql, params)
+                except Exception as e:
+                    if LIMIT_MARK not in str(e):
+                        raise
+                    got = EXCEEDED  # as in _pg
+                    continue
                 got = await cur.fetchone() if fetch else cur.rowcount
         except StopIteration as done:
             return done.value

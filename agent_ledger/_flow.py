@@ -17,6 +17,7 @@ the ``Ledger``) call them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -30,6 +31,7 @@ from typing import Any
 import pydantic_core
 
 from ._decide import (
+    Charge,
     Claim,
     MarkUnknown,
     Policy,
@@ -41,10 +43,11 @@ from ._decide import (
     Wait,
     decide,
     decide_approval,
+    decide_limit,
 )
 from ._keys import Redaction, normalise, payload_hash
 from ._models import Effect, RecoveryReport, Status
-from ._store import Store, Work, row_from_mapping
+from ._store import EXCEEDED, Store, Work, row_from_mapping
 from ._text import storable, text_problem
 from .errors import (
     ApprovalMismatch,
@@ -52,6 +55,7 @@ from .errors import (
     ApprovalRejected,
     ConfigurationError,
     InProgress,
+    LimitExceeded,
     OutcomeUnknown,
     PayloadMismatch,
     RecordedError,
@@ -309,6 +313,11 @@ class Plan:
     supersedes: bool = False
     """The tool asks for approvals: once this call claims its key, open requests for the key with other
     arguments are superseded (``Supersede``)."""
+    charges: tuple[Charge, ...] = ()
+    """What an execution of this call consumes from each budget of its declared limits (none: no limits,
+    and the flow does nothing about them)."""
+    limit_approval: ApprovalPolicy | None = None
+    """How to ask for an approval to run past a limit declared with ``on_exceed="approval"``."""
 
 
 @dataclass(frozen=True)
@@ -424,11 +433,17 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
     began: float | None = None  # monotonic time of the first wait, read only when there is one
     mono = 0.0
     delay = 0.002
+    past_limit: str | None = None  # the approval that lets this call run past a limit
+    refusals = 0
     if plan.approval is None:
         # Look the key up and, when absent, claim it in the same unit of work: a replay costs one read,
         # a new call one read and the claim on the same pooled connection.
         found = yield Db(store.claim_or_load(**_claim(plan, now)))
-        if found is not None and found.pop("claimed"):
+        if found is EXCEEDED:
+            past_limit = yield from _over_limit(plan, now, refusals)
+            refusals += 1
+            found = yield Db(store.load(plan.key))
+        elif found is not None and found.pop("claimed"):
             if plan.supersedes:
                 yield Supersede(plan.key, plan.payload_hash)
             return (yield from _run_claimed(plan, 1, False))
@@ -515,17 +530,30 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
         approval_id = None
         if plan.approval is not None:
             approval_id, now = yield from _approval_gate(plan)
+        charges = plan.charges
+        if past_limit is not None:
+            # A human approved this exact call past its limit: it runs, and what it consumes is recorded.
+            approval_id = approval_id or past_limit
+            charges = tuple(dataclasses.replace(c, forced=True) for c in charges)
         lease_until = now + timedelta(seconds=plan.lease)
         if decision.event == "claim":
+            claim = _claim(plan, now)
+            if charges:
+                claim["charges"] = charges
             won = yield Db(
                 _consuming(
                     plan,
                     approval_id,
                     now,
                     1,
-                    store.claim_new(**_claim(plan, now)),
+                    store.claim_new(**claim),
                 )
             )
+            if won is EXCEEDED:
+                past_limit = yield from _over_limit(plan, now, refusals)
+                refusals += 1
+                found = yield Db(store.load(plan.key))
+                continue
             if won is None:
                 found = yield Db(store.load(plan.key))
                 continue
@@ -546,9 +574,15 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
                         lease_expires_at=lease_until,
                         now=now,
                         detail=detail,
+                        charges=charges,
                     ),
                 )
             )
+            if n is EXCEEDED:
+                past_limit = yield from _over_limit(plan, now, refusals)
+                refusals += 1
+                found = yield Db(store.load(plan.key))
+                continue
             if not n:
                 found = yield Db(store.load(plan.key))
                 continue
@@ -571,14 +605,66 @@ def _consuming(plan: Plan, approval_id: str | None, now: datetime, attempt: int,
     )
 
 
-def _approval_gate(plan: Plan) -> Generator[Op, Any, tuple[str, datetime]]:
+def _over_limit(plan: Plan, now: datetime, refusals: int) -> Generator[Op, Any, str | None]:
+    """A claim of this call did not fit a budget (nothing was written). Read the budgets, let the pure
+    core say which charge does not fit, audit the refusal (``limit_exceeded``) and raise
+    ``LimitExceeded``; for a limit with ``on_exceed="approval"``, return the id of an approval of this
+    exact call instead (or raise ``ApprovalPending`` / ``ApprovalRejected``). None: every budget has
+    room again (a reset or a new window in between): claim again."""
+    store = plan.store
+    rows = yield Db(store.usage_of(plan.charges))
+    used = {(r["name"], r["scope"], r["window_start"]): float(r["used"]) for r in rows}
+    hit = decide_limit(plan.charges, used)
+    if hit is None:
+        if refusals < 3:
+            return None
+        hit = plan.charges[0]  # refused again and again while the budgets look fine: refuse, do not spin
+    spent = used.get(hit.budget, 0.0)
+    yield Db(
+        store.event(
+            key=plan.key,
+            workflow_id=plan.workflow_id,
+            tool=plan.tool,
+            kind="limit_exceeded",
+            attempt=None,
+            owner=plan.owner,
+            at=now,
+            detail={
+                "limit": hit.name,
+                "scope": hit.scope,
+                "used": spent,
+                "max": hit.max,
+                "requested": hit.amount,
+                "window_start": hit.window_start.isoformat(),
+                "window_end": hit.window_end.isoformat() if hit.window_end is not None else None,
+                "on_exceed": hit.on_exceed,
+            },
+        )
+    )
+    if hit.on_exceed == "approval" and plan.limit_approval is not None:
+        approval_id, _ = yield from _approval_gate(plan, plan.limit_approval)
+        return approval_id
+    raise LimitExceeded(
+        limit=hit.name,
+        scope=hit.scope,
+        used=spent,
+        max=hit.max,
+        requested=hit.amount,
+        key=plan.key,
+        tool=plan.tool,
+        window_end=hit.window_end,
+    )
+
+
+def _approval_gate(plan: Plan, policy: ApprovalPolicy | None = None) -> Generator[Op, Any, tuple[str, datetime]]:
     """Return the id of an approved, unused approval for exactly this payload (and the time), or raise.
 
     Requests one (and notifies the channels) when there is none; waits up to ``approval.wait`` for a
-    decision; raises ``ApprovalPending`` or ``ApprovalRejected`` otherwise.
+    decision; raises ``ApprovalPending`` or ``ApprovalRejected`` otherwise. ``policy``: how to ask (the
+    plan's ``approval`` by default; a limit's ``limit_approval`` for a call past its limit).
     """
-    assert plan.approval is not None
-    policy = plan.approval
+    policy = policy or plan.approval
+    assert policy is not None
     store = plan.store
     now, began = yield Now()
     mono = began
@@ -627,8 +713,9 @@ def _approval_gate(plan: Plan) -> Generator[Op, Any, tuple[str, datetime]]:
 
 
 def _claim(plan: Plan, now: datetime) -> dict[str, Any]:
-    """The arguments of ``Store.claim_new`` (and ``claim_or_load``) for a first claim of the plan's key."""
-    return {
+    """The arguments of ``Store.claim_new`` (and ``claim_or_load``) for a first claim of the plan's key
+    (with the plan's charges, when it has limits)."""
+    claim = {
         "key": plan.key,
         "workflow_id": plan.workflow_id,
         "tool": plan.tool,
@@ -638,6 +725,9 @@ def _claim(plan: Plan, now: datetime) -> dict[str, Any]:
         "lease_expires_at": now + timedelta(seconds=plan.lease),
         "now": now,
     }
+    if plan.charges:
+        claim["charges"] = plan.charges
+    return claim
 
 
 def _event(plan: Plan, kind: str, attempt: int | None, owner: str | None, at: datetime, detail: Any) -> dict[str, Any]:

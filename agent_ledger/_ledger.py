@@ -36,12 +36,14 @@ from ._flow import (
     utcnow,
 )
 from ._flow import recover as sweep_stale
+from ._limits import Limit, charges_for, limits_option, window_bounds
 from ._models import (
     Approval,
     AuditEvent,
     Effect,
     EffectRecord,
     ErrorInfo,
+    LimitUsage,
     RecoveryReport,
     Status,
     ToolCall,
@@ -252,6 +254,9 @@ class CallOptions(TypedDict, total=False):
     only as their HMAC under ``Ledger(redaction_key=...)`` (required), and scrubbed from recorded errors."""
     retention: float | timedelta | None
     """Keep this tool's settled records at least this long; ``ledger.prune()`` removes them after."""
+    limits: Iterable[Limit] | None
+    """Budgets and loop guards (``Limit``) this tool's (or this call's) executions consume, checked and
+    consumed in the transaction that claims the key (besides the ledger's own ``limits``)."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +277,7 @@ class _Options:
     """``approvers=`` as a routing rule (a function of the call), resolved per request."""
     quorum_rule: Callable[[ToolCall], int] | None = None
     """``quorum=`` as a function of the call, resolved per request."""
+    limits: tuple[Limit, ...] = ()
 
     @staticmethod
     def build(options: CallOptions) -> _Options:
@@ -348,6 +354,7 @@ class _Options:
             result_type=options.get("result_type", _UNSET),
             redact=_names(options.get("redact"), "redact") or (),
             retention=_seconds(options.get("retention"), "retention", allow_zero=False),
+            limits=limits_option(options.get("limits"), "the tool's"),
         )
 
 
@@ -482,6 +489,7 @@ class Ledger:
         channels: Iterable[Any] = (),
         redaction_key: str | bytes | None = None,
         tracer_provider: Any = None,
+        limits: Iterable[Limit] | None = None,
     ) -> None:
         resolved = url or os.environ.get("AGENT_LEDGER_URL") or DEFAULT_URL
         if not isinstance(max_args_bytes, int) or max_args_bytes <= 0:
@@ -510,6 +518,8 @@ class Ledger:
         """Approval requests of this ledger: read, approve, reject (``ApprovalService``)."""
         self._rt.approvals = self.approvals
         self._tools: dict[str, tuple[Callable[..., Any], _Options]] = {}
+        self.limits = limits_option(limits, "Ledger(...)")
+        """The limits every tool's executions consume (``Limit``), besides each tool's own."""
 
     def __repr__(self) -> str:
         return f"Ledger({self._rt.dialect}, tables={self.tables.effects.name!r})"
@@ -643,6 +653,10 @@ class Ledger:
             key_bytes = _keys.canonical({k: normalised[k] for k in options.key})
         else:
             key_bytes = canonical_args
+        charges: tuple[Any, ...] = ()
+        limit_approval = None
+        if self.limits or options.limits:
+            charges, limit_approval = self._charges(workflow_id, tool, args, options)
         return Plan(
             store=self._rt.store,
             key=_keys.key_from_canonical(workflow_id, tool, key_bytes),
@@ -663,7 +677,78 @@ class Ledger:
             retention=options.retention,
             redaction=redaction,
             supersedes=options.requires_approval is not False,
+            charges=charges,
+            limit_approval=limit_approval,
         )
+
+    def _charges(
+        self, workflow_id: str, tool: str, args: Mapping[str, Any], options: _Options
+    ) -> tuple[tuple[Any, ...], ApprovalPolicy | None]:
+        """The charges of a call with limits (before any I/O: bad amounts raise here), and how to ask for
+        an approval past a limit declared with ``on_exceed="approval"``."""
+        declared = [(limit, None) for limit in self.limits] + [(limit, tool) for limit in options.limits]
+        charges = charges_for(declared, workflow_id=workflow_id, tool=tool, args=args, now=utcnow())
+        if not any(c.on_exceed == "approval" for c in charges):
+            return charges, None
+        policy = options.approval or ApprovalPolicy(ttl=DEFAULT_APPROVAL_TTL, approvers=None, wait=0.0)
+        state = _workflow.get()
+        if state is not None and state.on_behalf_of is not None:
+            policy = dataclasses.replace(policy, requested_by=state.on_behalf_of)
+        return charges, policy
+
+    # -- limits ----------------------------------------------------------------------------
+
+    def usage(self, workflow_id: str | None = None, tool: str | None = None) -> list[LimitUsage]:
+        """How much of each budget is used in its current window, so an agent can tell the model what is
+        left: with ``workflow_id``, the budgets that constrain that workflow (its own and the shared
+        ones); with ``tool``, those of limits covering that tool. Budgets of limits declared on this
+        ledger and its tools that nothing consumed yet are listed too, with nothing used."""
+        for value, what in ((workflow_id, "workflow id"), (tool, "tool name")):
+            if value is not None:
+                check_text(value, what, MAX_NAME)
+        now = utcnow()
+        rows = self._rt.do(self._rt.store.usage(now=now, workflow_id=workflow_id, tool=tool))
+        out = {
+            (r["name"], r["scope"]): LimitUsage(
+                name=r["name"],
+                scope=r["scope"],
+                used=float(r["used"]),
+                max=float(r["cap"]),
+                remaining=max(0.0, float(r["cap"]) - float(r["used"])),
+                window_start=r["window_start"],
+                window_end=r["window_end"],
+            )
+            for r in rows
+        }
+        declared: list[tuple[Limit, str | None]] = [(limit, None) for limit in self.limits]
+        for name, (_fn, options) in self._tools.items():
+            if tool is None or name == tool:
+                declared.extend((limit, name) for limit in options.limits)
+        for limit, where in declared:
+            if limit.per == "workflow":
+                scope = workflow_id
+            elif limit.per == "tool":
+                scope = where or tool
+            elif limit.per == "ledger":
+                scope = "ledger"
+            else:
+                scope = None  # a custom scope is known only from a call
+            name = limit.default_name(where)
+            if scope is None or (name, scope) in out:
+                continue
+            start, end = window_bounds(limit.window_seconds, now)
+            cap = float(limit.max)
+            out[(name, scope)] = LimitUsage(name, scope, 0.0, cap, cap, start, end)
+        return sorted(out.values(), key=lambda u: (u.name, u.scope))
+
+    def reset_usage(self, name: str, scope: str, *, by: str) -> int:
+        """Start a budget again: forget what the limit ``name`` used for ``scope`` (every window), with an
+        audit row (``limit_reset``, by ``by``, on workflow id ``scope``). Returns how many usage rows
+        were removed (0: nothing was used, nothing written)."""
+        check_text(name, "limit name", MAX_NAME)
+        check_text(scope, "scope", MAX_NAME)
+        check_text(by, "by", MAX_NAME)
+        return int(self._rt.do(self._rt.store.reset_usage(name=name, scope=scope, by=by, now=utcnow())))
 
     def _redaction_key(self, tool: str) -> bytes:
         if not self.redaction_key:

@@ -17,6 +17,7 @@ __all__ = [
     "Effect",
     "EffectRecord",
     "ErrorInfo",
+    "LimitUsage",
     "RecoveryReport",
     "Status",
     "ToolCall",
@@ -217,3 +218,19 @@ def approval_from_row(m: Mapping[str, Any]) -> Approval:
         reason=m["reason"],
         consumed_at=m["consumed_at"],
     )
+
+
+@dataclass(frozen=True)
+class LimitUsage:
+    """How much of one budget is used: the limit's ``name``, its ``scope`` (a workflow id, a tool,
+    ``ledger`` or a custom scope), ``used`` of ``max`` (``remaining`` = what is left, never below 0),
+    in the fixed window [``window_start``, ``window_end``) (``window_end`` None: a limit without a
+    window, whose budget never starts again by itself)."""
+
+    name: str
+    scope: str
+    used: float
+    max: float
+    remaining: float
+    window_start: datetime
+    window_end: datetime | None

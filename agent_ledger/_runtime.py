@@ -56,7 +56,7 @@ from ._flow import (
 from ._hide import hide, hide_url, password_of, remember
 from ._pooling import Pooling, split_pooling
 from ._schema import Tables
-from ._store import Store, Work
+from ._store import EXCEEDED, Store, Work
 from ._telemetry import CallObserver
 from .errors import ConfigurationError, SchemaMissing, StorageError
 
@@ -285,6 +285,10 @@ class _NoMatch(Exception):
     """A later step of an all-or-nothing unit matched nothing: roll the whole unit back."""
 
 
+class _OverBudget(Exception):
+    """A charge of a winning claim did not fit its budget: roll the whole unit back (``EXCEEDED``)."""
+
+
 def _nothing(work: Work) -> Any:
     return None if work.returns == "row" else 0
 
@@ -482,6 +486,7 @@ class Runtime:
             select(t.events).limit(0),
             select(t.approvals).limit(0),
             select(t.inbound).limit(0),
+            select(t.usage).limit(0),
         ]
 
     def ensure_schema(self) -> None:
@@ -564,6 +569,8 @@ class Runtime:
                     return self._steps(conn, work)
             except _NoMatch:
                 return _nothing(work)
+            except _OverBudget:
+                return EXCEEDED
 
     @contextlib.contextmanager
     def transaction(self, label: str) -> Iterator[Connection]:
@@ -582,6 +589,9 @@ class Runtime:
         (stmt, params), *rest = work.steps
         if work.returns == "claim_or_row":  # the claim, or (when the key exists) the lookup after it
             if conn.execute(stmt, params).first() is not None:
+                for stmt, params in work.charges:  # the winner pays, or nothing is written
+                    if conn.execute(stmt, params).first() is None:
+                        raise _OverBudget
                 return {"claimed": True}
             (stmt, params), *rest = rest
             return _not_claimed(conn.execute(stmt, params).mappings().first())
@@ -589,6 +599,10 @@ class Runtime:
         if work.then is not None:
             later, out = work.then(out)
             rest = list(later)
+        if work.charges and _matched(out, work.returns):
+            for stmt, params in work.charges:
+                if conn.execute(stmt, params).first() is None:
+                    raise _OverBudget
         if rest and (work.then is not None or _matched(out, work.returns)):
             for stmt, params in rest:
                 if not conn.execute(stmt, params).rowcount and work.all_or_nothing:
@@ -620,12 +634,17 @@ class Runtime:
                         return await self._asteps(conn, work)
                 except _NoMatch:
                     return _nothing(work)
+                except _OverBudget:
+                    return EXCEEDED
 
     @staticmethod
     async def _asteps(conn: AsyncConnection, work: Work) -> Any:
         (stmt, params), *rest = work.steps
         if work.returns == "claim_or_row":  # as in _steps
             if (await conn.execute(stmt, params)).first() is not None:
+                for stmt, params in work.charges:
+                    if (await conn.execute(stmt, params)).first() is None:
+                        raise _OverBudget
                 return {"claimed": True}
             (stmt, params), *rest = rest
             return _not_claimed((await conn.execute(stmt, params)).mappings().first())
@@ -633,6 +652,10 @@ class Runtime:
         if work.then is not None:
             later, out = work.then(out)
             rest = list(later)
+        if work.charges and _matched(out, work.returns):
+            for stmt, params in work.charges:
+                if (await conn.execute(stmt, params)).first() is None:
+                    raise _OverBudget
         if rest and (work.then is not None or _matched(out, work.returns)):
             for stmt, params in rest:
                 if not (await conn.execute(stmt, params)).rowcount and work.all_or_nothing:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Double,
     Index,
     Integer,
     MetaData,
@@ -34,7 +35,7 @@ from .errors import InvalidArguments
 __all__ = ["DEFAULT_PREFIX", "SCHEMA_REVISION", "Tables", "UTCDateTime", "build_tables", "json_type"]
 
 DEFAULT_PREFIX = "agent_ledger_"
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 """The alembic revision these tables correspond to (a test checks it is the head)."""
 
 
@@ -75,6 +76,7 @@ class Tables:
     approvals: Table
     inbound: Table
     votes: Table
+    usage: Table
 
 
 def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tables:
@@ -173,4 +175,19 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("at", UTCDateTime(), nullable=False),
         UniqueConstraint("approval_id", "approver", name=f"uq_{prefix}approval_votes_approver"),
     )
-    return Tables(md, effects, events, approvals, inbound, votes)
+    usage = Table(
+        f"{prefix}usage",
+        md,
+        # One row per budget and fixed window: what a declared Limit's scope used (agent_ledger._limits).
+        # Self-contained: a limit removed from code leaves rows nothing reads.
+        Column("name", String(255), primary_key=True),
+        Column("scope", String(255), primary_key=True),
+        Column("window_start", UTCDateTime(), primary_key=True),
+        Column("window_end", UTCDateTime(), nullable=True),
+        Column("used", Double(), nullable=False),
+        Column("cap", Double(), nullable=False),
+        Column("per", String(16), nullable=False),
+        Column("tool", String(255), nullable=True),
+        Column("updated_at", UTCDateTime(), nullable=False),
+    )
+    return Tables(md, effects, events, approvals, inbound, votes, usage)

@@ -20,25 +20,31 @@ from typing import Any, Literal
 from sqlalchemy import (
     Executable,
     Insert,
+    Integer,
     Select,
     Update,
     and_,
     bindparam,
+    case,
+    cast,
     delete,
     func,
     insert,
     literal,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ._decide import Row, Vote, VoteRefused, approval_sources, approval_transition, transition
+from ._decide import Charge, Row, Vote, VoteRefused, approval_sources, approval_transition, transition
 from ._models import ApprovalStatus, Status
 from ._schema import Tables
 
 __all__ = [
+    "EXCEEDED",
+    "LIMIT_MARK",
     "LOOKUP_COLUMNS",
     "AppendEvents",
     "ClaimNew",
@@ -56,6 +62,45 @@ Returns = Literal["row", "rows", "rowcount", "none", "claim_or_row"]
 
 LOOKUP_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Row))
 """The effect columns a lookup returns: exactly what the decision core's ``Row`` reads."""
+
+
+class _Exceeded:
+    """The answer of a claim that would have run the handler but did not fit a budget of its charges:
+    nothing was written (the claim and every charge were rolled back together)."""
+
+    _instance: _Exceeded | None = None
+
+    def __new__(cls) -> _Exceeded:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "EXCEEDED"
+
+
+EXCEEDED = _Exceeded()
+
+LIMIT_MARK = "agent_ledger:limit_exceeded:"
+"""Postgres: the text of the deliberate cast error that aborts a limited claim over budget (the claim
+and its charges are one statement; the error rolls all of it back)."""
+
+
+def charge_binds(charge: Charge, now: datetime, i: int | None = None) -> dict[str, Any]:
+    """Values of a charge statement (``Store.charge_statement``), or of the ``i``-th charge of a limited
+    claim (``HotStatements.limited_claim``)."""
+    n = "" if i is None else str(i)
+    return {
+        f"p_name{n}": charge.name,
+        f"p_scope{n}": charge.scope,
+        f"p_window_start{n}": charge.window_start,
+        f"p_window_end{n}": charge.window_end,
+        f"p_used{n}": charge.amount,
+        f"p_cap{n}": charge.max,
+        f"p_per{n}": charge.per,
+        f"p_tool{n}": charge.tool,
+        "p_now": now,
+    }
 
 
 # -- the hot operations ------------------------------------------------------------------------
@@ -93,7 +138,17 @@ class ClaimNew:
     owner: str
     lease_expires_at: datetime
     now: datetime
+    charges: tuple[Charge, ...] = ()
+    """Budgets the claim consumes (declared limits): the winner's claim and every charge commit together,
+    or nothing is written and the answer is ``EXCEEDED``."""
     _binds: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def limited_binds(self) -> dict[str, Any]:
+        """Values of ``HotStatements.limited_claim(len(charges))``: the claim's and each charge's."""
+        out = dict(self.binds())
+        for i, charge in enumerate(self.charges):
+            out.update(charge_binds(charge, self.now, i))
+        return out
 
     def binds(self) -> dict[str, Any]:
         """Values of ``HotStatements.claim``, under their bound names (built once: the reference's steps
@@ -219,6 +274,14 @@ class HotStatements:
     complete_audited: Insert | None
     """Postgres: ``Finish`` with its audit row as one statement (a data-modifying CTE that inserts the
     audit row only if the update matched); None on SQLite (two statements in one transaction)."""
+    charge: Insert
+    """One charge of a ``ClaimNew`` with ``charges``: add the amount to its budget if it fits (an upsert
+    returning the new ``used``; no row: it does not fit). SQLite runs it after the claim, in its
+    ``BEGIN IMMEDIATE`` transaction."""
+    limited_claim: Callable[[int], Select[Any]]
+    """Postgres: a ``ClaimNew`` with n charges as one statement (data-modifying CTEs: the claim, then
+    each charge only for the claim's winner; a winner whose charges do not all fit raises a cast error
+    marked ``LIMIT_MARK``, which rolls the whole statement back). Answer: the attempt, or no row."""
 
 
 @dataclass(slots=True)
@@ -244,6 +307,9 @@ class Work:
     """Decide the later steps from the first step's outcome, inside the same transaction: returns the
     steps to run (none: nothing to write) and the unit's result. With ``all_or_nothing`` every one of
     them must change a row. Used where the decision needs the row read under its lock (a vote)."""
+    charges: tuple[tuple[Executable, Mapping[str, Any]], ...] = ()
+    """Charge statements of a claim with declared limits: run right after the claim won (before the
+    other steps), each must return a row, or the transaction rolls back and the answer is ``EXCEEDED``."""
 
 
 def _p(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -497,6 +563,60 @@ class Store:
         )
         self._events_for_workflow = select(ev).where(ev.c.workflow_id == b("workflow_id")).order_by(ev.c.id)
 
+        us = tables.usage
+        self._usage = us
+
+        def charge_stmt(n: str, source: Any = None, forced: bool = False) -> Any:
+            """The upsert of one charge (binds suffixed ``n``), selected from ``source`` (a CTE) if given."""
+            values = select(
+                b(f"name{n}", type_=us.c.name.type),
+                b(f"scope{n}", type_=us.c.scope.type),
+                b(f"window_start{n}", type_=us.c.window_start.type),
+                b(f"window_end{n}", type_=us.c.window_end.type),
+                b(f"used{n}", type_=us.c.used.type),
+                b(f"cap{n}", type_=us.c.cap.type),
+                b(f"per{n}", type_=us.c.per.type),
+                b(f"tool{n}", type_=us.c.tool.type),
+                b("now", type_=us.c.updated_at.type),
+            )
+            if source is not None:
+                values = values.select_from(source)
+            fits = b(f"used{n}", type_=us.c.used.type) <= b(f"cap{n}", type_=us.c.cap.type)
+            # SQLite needs a WHERE on an INSERT ... SELECT with an upsert clause (a parsing ambiguity).
+            values = values.where(literal(1) == literal(1) if forced else fits)
+            ins_u = postgresql.insert(us) if dialect == "postgresql" else sqlite.insert(us)
+            columns = ["name", "scope", "window_start", "window_end", "used", "cap", "per", "tool", "updated_at"]
+            up = ins_u.from_select(columns, values)
+            total = us.c.used + up.excluded.used
+            return up.on_conflict_do_update(
+                index_elements=[us.c.name, us.c.scope, us.c.window_start],
+                set_={
+                    "used": total,
+                    "cap": up.excluded.cap,
+                    "window_end": up.excluded.window_end,
+                    "updated_at": up.excluded.updated_at,
+                },
+                where=None if forced else total <= up.excluded.cap,
+            ).returning(us.c.used)
+
+        self._charge = charge_stmt("")
+        self._charge_forced = charge_stmt("", forced=True)
+        self._limited: dict[int, Select[Any]] = {}
+
+        def limited_claim(n: int) -> Select[Any]:
+            stmt = self._limited.get(n)
+            if stmt is None:
+                claimed = base_claim.returning(e.c.attempt, e.c.key).cte("claimed")
+                paid = [charge_stmt(str(i), claimed).cte(f"charge{i}") for i in range(n)]
+                count = sum((select(func.count()).select_from(p).scalar_subquery() for p in paid), literal(0))
+                # A winner whose charges did not all fit: a cast error that aborts (and so rolls back)
+                # the whole statement. Built from a column so the planner cannot fold it ahead of time.
+                refuse = cast(literal(LIMIT_MARK) + claimed.c.key, Integer)
+                stmt = self._limited[n] = select(
+                    claimed.c.attempt, case((count < n, refuse), else_=literal(0)).label("fits")
+                ).select_from(claimed)
+            return stmt
+
         complete_audited = None
         if dialect == "postgresql":
             # One round trip for an outcome and its audit row: the update runs in a data-modifying CTE
@@ -522,6 +642,8 @@ class Store:
             complete=self._complete,
             event=self._event,
             complete_audited=complete_audited,
+            charge=self._charge,
+            limited_claim=limited_claim,
         )
         """The hot operations' statements (for ``_fast.Hot``; the reference runs them in ``Work.steps``)."""
 
@@ -784,7 +906,42 @@ class Store:
             {"approval_id": approval_id, "payload_hash": payload_hash},
         )
         steps = (*work.steps, (self._consume_approval, consume), (self._event, _p(audit)))
-        return Work(steps, work.returns, work.write, work.label, all_or_nothing=True)
+        return Work(steps, work.returns, work.write, work.label, all_or_nothing=True, charges=work.charges)
+
+    # -- limits ------------------------------------------------------------------------------
+
+    def usage_of(self, charges: Sequence[Charge]) -> Work:
+        """The usage rows of these charges' budgets (to explain a refusal)."""
+        us = self._usage
+        wanted = [(c.name, c.scope, c.window_start) for c in charges]
+        stmt = select(us).where(tuple_(us.c.name, us.c.scope, us.c.window_start).in_(wanted))
+        return Work(((stmt, {}),), "rows", False, "usage")
+
+    def usage(self, *, now: datetime, workflow_id: str | None = None, tool: str | None = None) -> Work:
+        """Usage rows of the windows open at ``now``: with ``workflow_id``, the budgets that constrain
+        that workflow (its own, and the shared per-tool, per-ledger and custom ones); with ``tool``, the
+        budgets of limits that cover that tool."""
+        us = self._usage
+        stmt = select(us).where(or_(us.c.window_end.is_(None), us.c.window_end > now)).order_by(us.c.name, us.c.scope)
+        if workflow_id is not None:
+            stmt = stmt.where(or_(us.c.per != "workflow", us.c.scope == workflow_id))
+        if tool is not None:
+            stmt = stmt.where(
+                or_(us.c.tool == tool, and_(us.c.tool.is_(None), or_(us.c.per != "tool", us.c.scope == tool)))
+            )
+        return Work(((stmt, {}),), "rows", False, "usage")
+
+    def reset_usage(self, *, name: str, scope: str, by: str, now: datetime) -> Work:
+        """Start a budget again (delete its usage rows, every window) with its audit row
+        (``limit_reset``, on the workflow id ``scope``); rowcount 0: nothing to reset."""
+        us = self._usage
+        audit = self._event_params(
+            "limits", scope, name, "limit_reset", None, by, now, {"limit": name, "scope": scope}
+        )
+        return Work(
+            ((delete(us).where(us.c.name == name, us.c.scope == scope), {}), (self._event, _p(audit))),
+            label="usage",
+        )
 
     def remember_inbound(self, *, message_id: str, source: str, now: datetime) -> Work:
         """Record a signed inbound message id; returns a row only the first time that id is seen."""
@@ -876,10 +1033,30 @@ class Store:
         owner: str,
         lease_expires_at: datetime,
         now: datetime,
+        charges: tuple[Charge, ...] = (),
     ) -> Work:
-        """Insert the row as ``running`` for ``owner``; returns a row only to the one caller that wins."""
-        op = ClaimNew(key, workflow_id, tool, payload_hash, args, owner, lease_expires_at, now)
-        return Work(((self._claim_new, op.binds()),), returns="row", label="claim", fast=op)
+        """Insert the row as ``running`` for ``owner``; returns a row only to the one caller that wins.
+
+        With ``charges`` the winner also consumes them, atomically: ``EXCEEDED`` (nothing written) when
+        one does not fit its budget. A forced charge (an approved call past its limit) always fits."""
+        op = ClaimNew(key, workflow_id, tool, payload_hash, args, owner, lease_expires_at, now, charges)
+        if not charges:
+            return Work(((self._claim_new, op.binds()),), returns="row", label="claim", fast=op)
+        return Work(
+            ((self._claim_new, op.binds()),),
+            returns="row",
+            label="claim",
+            # A forced charge (an approved call past its limit) is never on the hot path: the claim
+            # that carries it also consumes the approval, which only the reference runs.
+            fast=None if any(c.forced for c in charges) else op,
+            charges=self.charge_steps(charges, now),
+        )
+
+    def charge_steps(self, charges: tuple[Charge, ...], now: datetime) -> tuple[tuple[Executable, Mapping[str, Any]], ...]:
+        """The charge statements of a claim (``Work.charges``), one per charge."""
+        return tuple(
+            (self._charge_forced if c.forced else self._charge, charge_binds(c, now)) for c in charges
+        )
 
     def claim_or_load(self, **claim: Any) -> Work:
         """Return the stored row of the key, or claim the key as ``claim_new`` would when it is absent
@@ -890,7 +1067,9 @@ class Store:
         """
         op = ClaimOrLoad(**claim)
         steps = ((self._claim_new, op.binds()), (self._lookup, {"p_key": op.key}))
-        return Work(steps, "claim_or_row", True, "claim", fast=op)
+        if not op.charges:
+            return Work(steps, "claim_or_row", True, "claim", fast=op)
+        return Work(steps, "claim_or_row", True, "claim", fast=op, charges=self.charge_steps(op.charges, op.now))
 
     def claim_again(
         self,
@@ -901,8 +1080,10 @@ class Store:
         lease_expires_at: datetime,
         now: datetime,
         detail: Mapping[str, Any] | None = None,
+        charges: tuple[Charge, ...] = (),
     ) -> Work:
-        """Claim an existing key for a retry, takeover or reconciliation; rowcount 1 only for the winner."""
+        """Claim an existing key for a retry, takeover or reconciliation; rowcount 1 only for the winner
+        (with ``charges``: consumed by the winner in the same transaction, or ``EXCEEDED``)."""
         transition(row.status, event)
         params: dict[str, Any] = {
             "key": row.key,
@@ -926,7 +1107,9 @@ class Store:
             now,
             {"previous_status": row.status.value, "previous_owner": row.owner, **(detail or {})},
         )
-        return Work(((stmt, _p(params)), (self._event, _p(audit))), label=event)
+        return Work(
+            ((stmt, _p(params)), (self._event, _p(audit))), label=event, charges=self.charge_steps(charges, now)
+        )
 
     def heartbeat(self, *, key: str, owner: str, attempt: int, lease_expires_at: datetime) -> Work:
         """Extend the lease of a live claim; rowcount 0 means the claim was lost."""

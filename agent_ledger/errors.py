@@ -17,6 +17,7 @@
     ├── ApprovalMismatch       the arguments changed after they were approved
     ├── ApprovalRefused        a decision that cannot be taken (late, expired, superseded, twice, own, unlisted)
     ├── IllegalTransition      a state change the effect state machine does not allow
+    ├── LimitExceeded          a declared ``Limit``'s budget cannot pay for this call; nothing ran
     ├── ChannelError           an approval channel could not announce a request or a decision
     │   ├── SlackError         Slack's Web API answered ``ok: false`` (or not at all)
     │   └── WebhookDeliveryError  every delivery attempt of a webhook failed
@@ -52,6 +53,7 @@ __all__ = [
     "InProgress",
     "InvalidArguments",
     "LedgerError",
+    "LimitExceeded",
     "NoWorkflow",
     "OutcomeUnknown",
     "PayloadMismatch",
@@ -316,6 +318,51 @@ class IllegalTransition(LedgerError):
         super().__init__(f"an effect in state {state or '(new)'!s} cannot take event {event!r}")
         self.state = state
         self.event = event
+
+
+def _shown(value: float) -> str:
+    return f"{value:g}" if value != int(value) or abs(value) >= 1e15 else str(int(value))
+
+
+class LimitExceeded(LedgerError):
+    """A declared ``Limit`` has not enough budget left for this call: the handler did not run.
+
+    ``limit`` is the limit's name, ``scope`` whose budget it is (a workflow id, a tool, ``ledger``, or
+    what the limit's ``per`` function returned), ``used`` and ``max`` the budget's state, ``requested``
+    what this call needs, ``window_end`` when a windowed budget starts again (None: never). The message
+    is written to be handed back to a model. The same call succeeds later if the window moved on or the
+    usage was reset (``ledger.reset_usage``).
+    """
+
+    def __init__(
+        self,
+        *,
+        limit: str,
+        scope: str,
+        used: float,
+        max: float,  # noqa: A002 - the field the issue names
+        requested: float,
+        key: str,
+        tool: str,
+        window_end: datetime | None,
+    ) -> None:
+        again = (
+            f" The budget starts again at {window_end.isoformat()}."
+            if window_end is not None
+            else " Do not retry this call: it will be refused again until the budget is reset."
+        )
+        super().__init__(
+            f"budget {limit}/{scope} used {_shown(used)} of {_shown(max)}; this call needs {_shown(requested)}. "
+            f"Tool {tool!r} was not run.{again}"
+        )
+        self.limit = limit
+        self.scope = scope
+        self.used = used
+        self.max = max
+        self.requested = requested
+        self.key = key
+        self.tool = tool
+        self.window_end = window_end
 
 
 class ChannelError(LedgerError):
