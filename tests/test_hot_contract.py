@@ -12,6 +12,7 @@ in insertion order without their generated ids; every time is injected by the te
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -23,12 +24,14 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 from sqlalchemy import delete, select
 
 from agent_ledger import Ledger, RecordedError, ToolCall
-from agent_ledger._decide import TRANSITIONS, Row
+from agent_ledger._decide import TRANSITIONS, Charge, Row
 from agent_ledger._fast import Hot
+from agent_ledger._limits import window_bounds
 from agent_ledger._models import Status
 from agent_ledger._runtime import Runtime
 from agent_ledger._schema import build_tables
 from agent_ledger._store import (
+    EXCEEDED,
     LOOKUP_COLUMNS,
     AppendEvents,
     ClaimNew,
@@ -75,13 +78,15 @@ class Impl:
         with self.rt.engine.connect() as conn:
             effects = conn.execute(select(t.effects).order_by(t.effects.c.key)).mappings().all()
             events = conn.execute(select(t.events).order_by(t.events.c.id)).mappings().all()
-        return norm(effects), norm([{k: v for k, v in e.items() if k != "id"} for e in events])
+            usage = conn.execute(select(t.usage).order_by(t.usage.c.name, t.usage.c.window_start)).mappings().all()
+        return norm(effects), norm([{k: v for k, v in e.items() if k != "id"} for e in events]), norm(usage)
 
     def clear(self) -> None:
         t = self.rt.tables
         with self.rt.engine.begin() as conn:
             conn.execute(delete(t.effects))
             conn.execute(delete(t.events))
+            conn.execute(delete(t.usage))
 
     def close(self) -> None:
         self.loop.run_until_complete(self.rt.aclose())
@@ -300,7 +305,65 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
     assert c.kinds == {"Lookup", "ClaimNew", "ClaimOrLoad", "Finish", "AppendEvents"}
 
 
+def charge(
+    cap: float, amount: float = 1, *, name: str = "calls", now: dt.datetime = T0, window: float | None = None
+) -> Charge:
+    start, end = window_bounds(window, now)
+    return Charge(name, "wf", "workflow", "charge", start, end, float(amount), float(cap))
+
+
+def test_limited_claims_agree_and_answer_right(contract: Contract) -> None:
+    """Claims that consume budgets: the winner pays in the claim's transaction; a claim over budget
+    writes nothing (no claim row, no usage) and answers EXCEEDED; a claim that loses (the key exists)
+    pays nothing; a forced charge (an approved call past its limit) is recorded past the cap."""
+    c, t = contract, T0
+    two = (charge(2), charge(10, 4, name="spend"))
+    assert c.run(lambda s: s.claim_or_load(**claim("k1", "A", t), charges=two)) == {"claimed": True}
+    assert c.run(lambda s: s.claim_new(**claim("k2", "A", t), charges=two)) == {"attempt": 1}
+    # The key exists: claim_or_load reads it, claim_new gets nothing, and neither pays.
+    again = c.run(lambda s: s.claim_or_load(**claim("k1", "B", t), charges=two))
+    assert again["claimed"] is False and again["owner"] == "A"
+    assert c.run(lambda s: s.claim_new(**claim("k1", "B", t), charges=two)) is None
+    # Over budget (calls: 2 of 2 used): nothing written, both orders of claim_or_load and claim_new.
+    assert c.run(lambda s: s.claim_or_load(**claim("k3", "A", t), charges=two)) is EXCEEDED
+    assert c.run(lambda s: s.claim_new(**claim("k3", "A", t), charges=two)) is EXCEEDED
+    assert c.run(lambda s: s.load("k3")) is None
+    # The second charge over its own budget (spend: 8 + 4 > 10) while the first fits: still nothing.
+    more = (charge(5), charge(10, 4, name="spend"))
+    assert c.run(lambda s: s.claim_or_load(**claim("k3", "A", t), charges=more)) is EXCEEDED
+    # One that fits exactly (8 + 2 = 10), then a new window of a windowed budget starts from zero.
+    assert c.run(lambda s: s.claim_or_load(**claim("k4", "A", t), charges=(charge(10, 2, name="spend"),))) == {
+        "claimed": True
+    }
+    windowed = (charge(1, now=t, window=60),)
+    assert c.run(lambda s: s.claim_new(**claim("k5", "A", t), charges=windowed)) == {"attempt": 1}
+    assert c.run(lambda s: s.claim_new(**claim("k6", "A", t), charges=windowed)) is EXCEEDED
+    later = t + dt.timedelta(seconds=60)
+    windowed = (charge(1, now=later, window=60),)
+    assert c.run(lambda s: s.claim_new(**claim("k6", "A", later), charges=windowed)) == {"attempt": 1}
+    # A retry pays (fenced claim_again), and a retry over budget leaves the failed row as it was.
+    assert c.run(finish("k1", "A", 1, t, "fail", error={"type": "E"}, detail={})) == 1
+    row = row_from_mapping(c.run(lambda s: s.load("k1")))
+    lease = t + dt.timedelta(seconds=30)
+    assert (
+        c.run(lambda s: s.claim_again(event="retry", row=row, owner="B", lease_expires_at=lease, now=t, charges=two))
+        is EXCEEDED
+    )
+    assert c.run(lambda s: s.load("k1"))["status"] == "failed"
+    # Forced (approved past the limit): recorded over the cap.
+    forced = (dataclasses.replace(charge(2), forced=True),)
+    assert (
+        c.run(lambda s: s.claim_again(event="retry", row=row, owner="B", lease_expires_at=lease, now=t, charges=forced))
+        == 1
+    )
+    assert c.run(lambda s: s.claim_new(**claim("k7", "A", t), charges=forced)) == {"attempt": 1}
+    usage = {(r["name"], r["window_start"]): r["used"] for r in c.run(lambda s: s.usage_of([*two, *windowed]))}
+    assert usage[("calls", two[0].window_start)] == 4.0
+    assert usage[("spend", two[1].window_start)] == 10.0
+
+
 KEYS = st.sampled_from(["k1", "k2", "k3"])
+BUDGETS = st.sampled_from([None, None, 0, 1, 2, 5])
 OWNERS = st.sampled_from(["A", "B", "C"])
 FENCED_OWNERS = st.sampled_from(["current", "current", "A", "B"])
 OFFSETS = st.sampled_from([0, 0, -1, 1])
@@ -339,21 +402,39 @@ def test_random_sequences_agree(contract: Contract) -> None:
             if found is not None:
                 self.seen[key] = row_from_mapping(found)
 
-        @rule(key=KEYS, owner=OWNERS, lease=st.sampled_from([1.0, 30.0]), or_load=st.booleans())
-        def claim(self, key: str, owner: str, lease: float, or_load: bool) -> None:
+        def charges(self, budget: int | None, window: float | None) -> tuple[Charge, ...]:
+            return () if budget is None else (charge(budget, now=self.now, window=window),)
+
+        @rule(
+            key=KEYS,
+            owner=OWNERS,
+            lease=st.sampled_from([1.0, 30.0]),
+            or_load=st.booleans(),
+            budget=BUDGETS,
+            window=st.sampled_from([None, 30.0]),
+        )
+        def claim(
+            self, key: str, owner: str, lease: float, or_load: bool, budget: int | None, window: float | None
+        ) -> None:
             args = claim(key, owner, self.now, lease)
+            args["charges"] = self.charges(budget, window)
             if or_load:
                 c.run(lambda s: s.claim_or_load(**args))
             else:
                 c.run(lambda s: s.claim_new(**args))
 
-        @rule(key=KEYS, owner=OWNERS, event=st.sampled_from(["retry", "takeover", "reconcile"]))
-        def claim_again(self, key: str, owner: str, event: str) -> None:
+        @rule(key=KEYS, owner=OWNERS, event=st.sampled_from(["retry", "takeover", "reconcile"]), budget=BUDGETS)
+        def claim_again(self, key: str, owner: str, event: str, budget: int | None) -> None:
             row = self.seen.get(key)
             if row is None or event not in TRANSITIONS[row.status]:
                 return
             lease = self.now + dt.timedelta(seconds=30)
-            c.run(lambda s: s.claim_again(event=event, row=row, owner=owner, lease_expires_at=lease, now=self.now))
+            paid = self.charges(budget, None)
+            c.run(
+                lambda s: s.claim_again(
+                    event=event, row=row, owner=owner, lease_expires_at=lease, now=self.now, charges=paid
+                )
+            )
 
         def owned(self, key: str, owner: str, off: int) -> tuple[str, int]:
             """(owner, attempt) for a fenced write: "current" is the observed row's own (mostly right,
