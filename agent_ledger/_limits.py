@@ -73,8 +73,7 @@ class Limit:
             amount = _number(count)
             if amount is None or amount < 0:
                 raise ConfigurationError(
-                    f"Limit(count=...) must be a number >= 0, an argument name or a function of the call, "
-                    f"not {count!r}"
+                    f"Limit(count=...) must be a number >= 0, an argument name or a function of the call, not {count!r}"
                 )
         if not callable(self.per) and self.per not in PER_KINDS:
             raise ConfigurationError(

@@ -612,9 +612,10 @@ class Store:
                 # A winner whose charges did not all fit: a cast error that aborts (and so rolls back)
                 # the whole statement. Built from a column so the planner cannot fold it ahead of time.
                 refuse = cast(literal(LIMIT_MARK) + claimed.c.key, Integer)
-                stmt = self._limited[n] = select(
+                built: Select[Any] = select(
                     claimed.c.attempt, case((count < n, refuse), else_=literal(0)).label("fits")
                 ).select_from(claimed)
+                stmt = self._limited[n] = built
             return stmt
 
         complete_audited = None
@@ -935,9 +936,7 @@ class Store:
         """Start a budget again (delete its usage rows, every window) with its audit row
         (``limit_reset``, on the workflow id ``scope``); rowcount 0: nothing to reset."""
         us = self._usage
-        audit = self._event_params(
-            "limits", scope, name, "limit_reset", None, by, now, {"limit": name, "scope": scope}
-        )
+        audit = self._event_params("limits", scope, name, "limit_reset", None, by, now, {"limit": name, "scope": scope})
         return Work(
             ((delete(us).where(us.c.name == name, us.c.scope == scope), {}), (self._event, _p(audit))),
             label="usage",
@@ -1052,11 +1051,11 @@ class Store:
             charges=self.charge_steps(charges, now),
         )
 
-    def charge_steps(self, charges: tuple[Charge, ...], now: datetime) -> tuple[tuple[Executable, Mapping[str, Any]], ...]:
+    def charge_steps(
+        self, charges: tuple[Charge, ...], now: datetime
+    ) -> tuple[tuple[Executable, Mapping[str, Any]], ...]:
         """The charge statements of a claim (``Work.charges``), one per charge."""
-        return tuple(
-            (self._charge_forced if c.forced else self._charge, charge_binds(c, now)) for c in charges
-        )
+        return tuple((self._charge_forced if c.forced else self._charge, charge_binds(c, now)) for c in charges)
 
     def claim_or_load(self, **claim: Any) -> Work:
         """Return the stored row of the key, or claim the key as ``claim_new`` would when it is absent

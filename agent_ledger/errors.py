@@ -340,7 +340,7 @@ class LimitExceeded(LedgerError):
         limit: str,
         scope: str,
         used: float,
-        max: float,  # noqa: A002 - the field the issue names
+        max: float,
         requested: float,
         key: str,
         tool: str,
