@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -127,6 +128,23 @@ def _parser() -> argparse.ArgumentParser:
         ap.add_argument("--by", required=True, help="who decides (audited; checked against the tool's approvers)")
         ap.add_argument("--reason", required=action == "reject", help="why (audited; shown to the agent)")
         _url_option(ap)
+
+    lim = sub.add_parser(
+        "limits",
+        help="budgets used by declared limits (current windows), and resetting one",
+        description="List how much of each budget (a Limit's name and scope) its current window used; "
+        "`limits reset NAME SCOPE --by WHO` starts a budget again (audited).",
+    )
+    lim.add_argument("--workflow", help="only the budgets that constrain this workflow")
+    lim.add_argument("--tool", help="only the budgets of limits covering this tool")
+    lim.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _url_option(lim)
+    lsub = lim.add_subparsers(dest="action", required=False)
+    reset = lsub.add_parser("reset", help="start a budget again: forget what it used (every window; audited)")
+    reset.add_argument("name", help="the limit's name (as `agent-ledger limits` shows it)")
+    reset.add_argument("scope", help="the budget's scope: a workflow id, a tool, 'ledger' or a custom scope")
+    reset.add_argument("--by", required=True, help="who resets it (audited)")
+    _url_option(reset)
 
     prune = sub.add_parser("prune", help="delete settled records past their retention or older than a cutoff")
     prune.add_argument("--older-than", type=_duration, help="e.g. 30d, 12h, 15m, 90s (else: per-tool retention only)")
@@ -295,6 +313,35 @@ def _approvals(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _number(value: float) -> str:
+    return f"{value:g}" if value != int(value) or abs(value) >= 1e15 else str(int(value))
+
+
+def _limits(ns: argparse.Namespace) -> int:
+    with _ledger(ns) as ledger:
+        if ns.action == "reset":
+            n = ledger.reset_usage(ns.name, ns.scope, by=ns.by)
+            if not n:
+                print(f"nothing to reset: budget {ns.name}/{ns.scope} has no usage recorded", file=sys.stderr)
+                return 1
+            print(f"reset budget {ns.name}/{ns.scope} ({n} window(s) of usage removed) by {ns.by}")
+            return 0
+        usage = ledger.usage(workflow_id=ns.workflow, tool=ns.tool)
+    if ns.json:
+        _print_json([dataclasses.asdict(u) for u in usage])
+        return 0
+    if not usage:
+        print("no budget used in its current window")
+        return 0
+    print(f"{'limit':<28} {'scope':<24} {'used':>10} {'max':>10} {'remaining':>10}  window")
+    for u in usage:
+        window = "whole life" if u.window_end is None else f"until {u.window_end.isoformat(timespec='seconds')}"
+        print(
+            f"{u.name:<28} {u.scope:<24} {_number(u.used):>10} {_number(u.max):>10} {_number(u.remaining):>10}  {window}"
+        )
+    return 0
+
+
 def _mcp_proxy(ns: argparse.Namespace) -> int:
     command = list(ns.upstream)
     if command and command[0] == "--":
@@ -389,6 +436,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _export(ns)
         if ns.command == "approvals":
             return _approvals(ns)
+        if ns.command == "limits":
+            return _limits(ns)
         if ns.command == "mcp-proxy":
             return _mcp_proxy(ns)
         if ns.command == "recover":
