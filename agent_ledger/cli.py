@@ -336,9 +336,8 @@ def _limits(ns: argparse.Namespace) -> int:
     print(f"{'limit':<28} {'scope':<24} {'used':>10} {'max':>10} {'remaining':>10}  window")
     for u in usage:
         window = "whole life" if u.window_end is None else f"until {u.window_end.isoformat(timespec='seconds')}"
-        print(
-            f"{u.name:<28} {u.scope:<24} {_number(u.used):>10} {_number(u.max):>10} {_number(u.remaining):>10}  {window}"
-        )
+        used, cap, left = _number(u.used), _number(u.max), _number(u.remaining)
+        print(f"{u.name:<28} {u.scope:<24} {used:>10} {cap:>10} {left:>10}  {window}")
     return 0
 
 

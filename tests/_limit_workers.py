@@ -10,9 +10,9 @@ import os
 import random
 from typing import Any
 
-from agent_ledger import Ledger, LimitExceeded, ToolCall
-
 from _workers import log_line
+
+from agent_ledger import Ledger, LimitExceeded, ToolCall
 
 
 def budget_racer(url: str, keys: int, budget: int, barrier: Any, results: Any, log: str) -> None:

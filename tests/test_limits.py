@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import _limit_workers
 import psycopg
 import pytest
 import sqlalchemy as sa
+from _workers import read_lines, stale_claim
 
 from agent_ledger import (
     ApprovalPending,
@@ -30,9 +32,6 @@ from agent_ledger import (
 )
 from agent_ledger import _ledger as ledger_module
 from agent_ledger._limits import EPOCH, window_bounds
-
-import _limit_workers
-from _workers import read_lines, stale_claim
 
 ctx = mp.get_context("spawn")
 MODES = ["sync", "async"]
