@@ -180,6 +180,13 @@ def _parser() -> argparse.ArgumentParser:
         "--approve-destructive", action="store_true", help="also require approval for tools annotated destructiveHint"
     )
     proxy.add_argument("--approvers", nargs="+", default=None, metavar="NAME", help="who may decide (default: anyone)")
+    proxy.add_argument(
+        "--max-calls",
+        type=_max_calls,
+        default=None,
+        metavar="N",
+        help="each workflow may run at most N tool calls through the gateway (a loop guard; replays are free)",
+    )
     proxy.add_argument("upstream", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the upstream server")
     _url_option(proxy)
 
@@ -194,6 +201,16 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--force", action="store_true", help="also settle a running effect with a live lease")
     _url_option(res)
     return parser
+
+
+def _max_calls(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of calls (an integer >= 0)")
+    return n
 
 
 def _duration(text: str) -> timedelta:
@@ -357,6 +374,11 @@ def _mcp_proxy(ns: argparse.Namespace) -> int:
     # The upstream inherits this environment (it is the user's server), minus the ledger's database URL.
     env = {k: v for k, v in os.environ.items() if k != "AGENT_LEDGER_URL"}
     params = StdioServerParameters(command=command[0], args=command[1:], env=env)
+    options: dict[str, Any] = {}
+    if ns.max_calls is not None:
+        from ._limits import Limit
+
+        options["limits"] = [Limit(max=ns.max_calls, name="mcp-proxy calls")]
     with _ledger(ns) as ledger:
         try:
             anyio.run(
@@ -368,6 +390,7 @@ def _mcp_proxy(ns: argparse.Namespace) -> int:
                     require_approval=ns.require_approval,
                     approve_destructive=ns.approve_destructive,
                     approvers=ns.approvers,
+                    options=options,
                 )
             )
         except Exception as raised:

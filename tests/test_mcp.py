@@ -331,3 +331,29 @@ def test_mcp_proxy_usage_errors(sqlite_url: str, tmp_path: Path) -> None:
             timeout=60,
         )
         assert r.returncode == 1 and "upstream MCP server" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+async def test_limits_pass_through_the_gateway_and_the_client_wrapper(
+    make_ledger: Callable[..., Ledger], log: Path
+) -> None:
+    from agent_ledger import Limit, LimitExceeded
+
+    led = make_ledger()
+    async with upstream(log) as raw:
+        gw = McpGateway(led, raw, workflow_id="wf-limit", tool_options={"charge": {"limits": [Limit(max=2)]}})
+        answers = [await gw.call_tool("charge", {"amount": n}) for n in (1, 2, 1, 3)]
+        assert [a.is_error for a in answers] == [False, False, False, True]  # the third is a replay
+        assert "budget charge:calls/workflow/wf-limit used 2 of 2" in text(answers[3])
+        s = LedgerClientSession(led, raw, workflow_id="wf-limit-2", limits=[Limit(max=1, name="one")])
+        await s.call_tool("charge", {"amount": 5})
+        with pytest.raises(LimitExceeded):
+            await s.call_tool("charge", {"amount": 6})
+    assert sorted(r["args"]["amount"] for r in executions(log, "charge")) == [1, 2, 5]
+
+
+async def test_mcp_proxy_max_calls_is_a_loop_guard(migrated: str, log: Path) -> None:
+    async with gateway(migrated, log, "--workflow", "wf-max", "--max-calls", "2") as s:
+        results = [await call(s, "charge", {"amount": n}) for n in (1, 2, 2, 3)]
+    assert [r.is_error for r in results] == [False, False, False, True]
+    assert "budget mcp-proxy calls/wf-max used 2 of 2" in text(results[3])
+    assert len(executions(log, "charge")) == 2

@@ -138,3 +138,37 @@ def test_async_run(ledger: Ledger, tmp_path: Path) -> None:
 
     assert asyncio.run(go()) == "charged 42 / emailed ann@example.com"
     assert lines(log) == ["charge 42", "email ann@example.com"]
+
+
+@pytest.mark.parametrize("where", ["options", "tool_options"])
+def test_limits_reach_the_model_as_a_tool_failure(ledger: Ledger, where: str) -> None:
+    from agent_ledger import Limit
+
+    runs: list[int] = []
+    seen: list[str] = []
+    tools = FunctionToolset[None]()
+
+    @tools.tool_plain
+    def refund(amount: int) -> str:
+        runs.append(amount)
+        return f"refunded {amount}"
+
+    def script(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        parts = [p for m in messages for p in getattr(m, "parts", [])]
+        answers = [p for p in parts if isinstance(p, ToolReturnPart) or type(p).__name__ == "RetryPromptPart"]
+        if len(answers) < 3:
+            return ModelResponse(parts=[ToolCallPart("refund", {"amount": 100 * (len(answers) + 1)})])
+        seen.extend(str(a.content) for a in answers)
+        return ModelResponse(parts=[TextPart("done")])
+
+    limit = [Limit(max=300, count="amount", name="refunds")]
+    wrapped = (
+        wrap_toolset(ledger, tools, limits=limit)
+        if where == "options"
+        else wrap_toolset(ledger, tools, tool_options={"refund": {"limits": limit}})
+    )
+    with ledger.workflow("wf-limits"):
+        assert Agent(FunctionModel(script), toolsets=[wrapped]).run_sync("refund").output == "done"
+    assert runs == [100, 200]
+    assert seen[:2] == ["refunded 100", "refunded 200"]
+    assert "budget refunds/wf-limits used 300 of 300; this call needs 300" in seen[2]

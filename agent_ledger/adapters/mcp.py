@@ -169,7 +169,8 @@ class McpGateway:
     lists tools that need a human decision first; ``approve_destructive`` adds every tool the upstream
     annotates with ``destructiveHint`` (annotations only ever add protection: ``readOnlyHint`` removes
     none). ``approvers`` limits who may decide. ``options`` apply to every tool and ``tool_options`` per
-    tool name (any ``CallOptions``: ``on_error``, ``lease``, ``wait``, ``reconcile``, approvals...).
+    tool name (any ``CallOptions``: ``on_error``, ``lease``, ``wait``, ``reconcile``, approvals,
+    ``limits``...); a call over a declared limit answers with a tool error giving the budget.
 
     A pending approval answers with an MCP tool error naming the approval id; a rejected, unknown or
     otherwise refused call answers with a tool error that says why. A call without a workflow id, or to

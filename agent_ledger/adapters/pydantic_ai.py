@@ -6,10 +6,11 @@ is the workflow id + the tool name + the validated arguments (never Pydantic AI'
 the tools that already ran instead of running them twice.
 
 The workflow is ``workflow_id`` when given, else the enclosing ``ledger.workflow(...)``. The ledger's
-outcomes reach the model the framework's own way: a pending approval, a rejection, an unknown outcome or
-a call still running elsewhere become ``ToolFailed`` (a failed tool result the model sees, with the
-approval id and what to do, without spending its retry budget); a call without a workflow raises
-``NoWorkflow`` (a programming error, not the model's).
+outcomes reach the model the framework's own way: a pending approval, a rejection, an unknown outcome, a
+call still running elsewhere or a call over a declared limit (``limits=[Limit(...)]``: the model reads
+the budget) become ``ToolFailed`` (a failed tool result the model sees, with the approval id and what to
+do, without spending its retry budget); a call without a workflow raises ``NoWorkflow`` (a programming
+error, not the model's).
 
 Requires the ``pydantic-ai`` extra: ``pip install 'agent-ledger[pydantic-ai]'``.
 """
@@ -26,7 +27,15 @@ from pydantic_ai.toolsets.abstract import ToolsetTool
 
 from .._ledger import CallOptions, Ledger, current_workflow
 from .._models import ToolCall
-from ..errors import ApprovalPending, ApprovalRejected, InProgress, NoWorkflow, OutcomeUnknown, PayloadMismatch
+from ..errors import (
+    ApprovalPending,
+    ApprovalRejected,
+    InProgress,
+    LimitExceeded,
+    NoWorkflow,
+    OutcomeUnknown,
+    PayloadMismatch,
+)
 
 __all__ = ["LedgerToolset", "wrap_toolset"]
 
@@ -61,7 +70,7 @@ class LedgerToolset(WrapperToolset[Any]):
                 f"This call needs a human approval first (approval {e.approval_id}, pending). Tell the user; "
                 "once it is approved, call the tool again with exactly the same arguments and it will run once."
             ) from e
-        except (ApprovalRejected, OutcomeUnknown, InProgress, PayloadMismatch) as e:
+        except (ApprovalRejected, OutcomeUnknown, InProgress, PayloadMismatch, LimitExceeded) as e:
             raise ToolFailed(str(e)) from e
 
 
@@ -75,8 +84,8 @@ def wrap_toolset(
 ) -> LedgerToolset:
     """A toolset that runs each of ``toolset``'s tool calls once per workflow through ``ledger``.
 
-    ``options`` (any ``CallOptions``: ``on_error``, ``requires_approval``, ``approvers``, ``lease``...)
-    apply to every tool, ``tool_options`` per tool name. ``workflow_id`` fixes the workflow; without it
+    ``options`` (any ``CallOptions``: ``on_error``, ``requires_approval``, ``approvers``, ``lease``,
+    ``limits``...) apply to every tool, ``tool_options`` per tool name. ``workflow_id`` fixes the workflow; without it
     the enclosing ``ledger.workflow(...)`` decides, per call.
     """
     if not isinstance(ledger, Ledger):
