@@ -11,8 +11,10 @@ driver (psycopg autocommit ``INSERT ... ON CONFLICT ... RETURNING`` + ``UPDATE``
 ratio, the throughput with 1, 2, 4 and 8 processes on distinct keys, and how long waiters on one key
 take to see the winner's result after it commits. Replays are measured the way they happen: keys
 created by one ``Ledger`` are replayed through a second instance, as a retry from a fresh process
-would. Results go to ``--out`` (default ``docs/performance``): ``results.json``, ``results.md`` and
-``overhead.png``.
+would. One more line compares the ledger with itself: a new call on Postgres with one declared limit
+against the same call without limits (target 1.3x; the limit's charge rides in the claim's statement,
+so there is no extra round trip). Results go to ``--out`` (default ``docs/performance``):
+``results.json``, ``results.md`` and ``overhead.png``.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ import psycopg  # noqa: E402
 from psycopg.types.json import Jsonb  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from agent_ledger import Ledger, ToolCall  # noqa: E402
+from agent_ledger import Ledger, Limit, ToolCall  # noqa: E402
 
-TARGETS = {"new": 1.5, "replay": 2.0}
+TARGETS = {"new": 1.5, "replay": 2.0, "limit": 1.3}
 
 BOUNCED = "AGENT_LEDGER_BENCH_PGBOUNCER"
 """Set (to 1) by ``--pgbouncer`` in this process's environment, so spawned workers see it too."""
@@ -249,6 +251,38 @@ def ledger_async(url: str) -> Pair:
         await reader.aclose()
 
     return new, replay, close
+
+
+def ledger_limited(url: str) -> Pair:
+    """New calls on a ledger with one limit (a per-workflow call cap, never reached): each claim also
+    consumes the budget, in the same statement on Postgres."""
+    wf = "lbench-" + uuid.uuid4().hex[:8]
+    writer = Ledger(url, auto_migrate=True, limits=[Limit(max=10**12, name="bench calls")])
+
+    def new(i: int) -> None:
+        writer.run(ToolCall(workflow_id=wf, tool="bench", args={"i": i}), handler=noop)
+
+    def close() -> None:
+        writer.close()
+
+    return new, new, close
+
+
+def compare_new(base: Pair, ours: Pair, n: int, warm: int, rounds: int) -> dict[str, list[float]]:
+    """New calls only, alternating blocks of ``base`` (the floor of this comparison) and ``ours``."""
+    out: dict[str, list[float]] = {"floor_new": [], "new": [], "ratio_new": []}
+    block = max(1, n // rounds)
+    for fn in (base[0], ours[0]):
+        for i in range(warm):
+            fn(100_000_000 + i)
+    for r in range(rounds):
+        f, o = timed(base[0], block, r * block), timed(ours[0], block, r * block)
+        out["floor_new"] += f
+        out["new"] += o
+        out["ratio_new"].append(pct(o, 0.5) / pct(f, 0.5))
+    base[2]()
+    ours[2]()
+    return out
 
 
 def compare(floor: Pair, ours: Pair, n: int, warm: int, rounds: int) -> dict[str, list[float]]:
@@ -492,6 +526,18 @@ def main() -> int:
             return await acompare(floor, ledger_async(sqlite_url), n, warm, rounds)
 
         add("sqlite async", asyncio.run(sqlite_async()))
+        # A new call with one limit against the same call without: here the "floor" columns are the
+        # ledger's own new call without limits (same run, alternating blocks).
+        limited = compare_new(ledger_sync(pg_url), ledger_limited(pg_url), n, warm, rounds)
+        rows.append(
+            row(
+                "postgres sync new, 1 limit vs none",
+                limited["new"],
+                limited["floor_new"],
+                limited["ratio_new"],
+                TARGETS["limit"],
+            )
+        )
         keys = key_cost(n)
         sqlite_floor = next(r for r in rows if r["path"] == "sqlite sync replay")["floor_p50_ms"]
 

@@ -587,3 +587,86 @@ def test_the_sweeper_reports_a_reconcile_that_raised_and_leaves_it_unknown() -> 
     s.expect(StopBeat)
     s.send()
     assert s.result.failed == {"v1:k": "TimeoutError: provider down"}
+
+
+# -- limits ---------------------------------------------------------------------------------
+
+
+def _charges(*, on_exceed: str = "raise") -> tuple[Any, ...]:
+    from agent_ledger._decide import Charge
+    from agent_ledger._limits import EPOCH
+
+    return (
+        Charge("calls", "wf", "workflow", None, EPOCH, None, 1.0, 10.0),
+        Charge("spend", "wf", "workflow", "charge", EPOCH, None, 100.0, 250.0, on_exceed),  # type: ignore[arg-type]
+    )
+
+
+def test_a_claim_over_budget_is_refused_audited_and_runs_nothing() -> None:
+    from agent_ledger._limits import EPOCH
+    from agent_ledger._store import EXCEEDED
+    from agent_ledger.errors import LimitExceeded
+
+    charges = _charges()
+    s = Script(execute(plan(charges=charges)))
+    claim = s.expect(Db, "claim").work
+    assert claim.fast.charges == charges and len(claim.charges) == 2  # the claim carries its charges
+    s.send(EXCEEDED)  # nothing was written
+    s.expect(Db, "usage")
+    s.send(
+        [
+            {"name": "calls", "scope": "wf", "window_start": EPOCH, "used": 3.0},
+            {"name": "spend", "scope": "wf", "window_start": EPOCH, "used": 200.0},
+        ]
+    )
+    event = s.expect(Db, "limit_exceeded").work
+    detail = audit(event)["p_detail"]
+    assert (detail["limit"], detail["used"], detail["max"], detail["requested"]) == ("spend", 200.0, 250.0, 100.0)
+    with pytest.raises(LimitExceeded) as refused:
+        s.send(1)
+    assert str(refused.value).startswith("budget spend/wf used 200 of 250; this call needs 100.")
+    assert not any(isinstance(op, (Invoke, Beat)) for op in s.ops)
+
+
+def test_a_budget_freed_in_between_claims_again() -> None:
+    """The claim was refused but the budgets read back have room (a reset, a new window): claim again."""
+    from agent_ledger._store import EXCEEDED
+
+    s = Script(execute(plan(charges=_charges())))
+    s.expect(Db, "claim")
+    s.send(EXCEEDED)
+    s.expect(Db, "usage")
+    s.send([])  # reset in between: nothing used
+    s.expect(Db, "load")
+    s.send(None)
+    claim = s.expect(Db, "claim").work
+    assert len(claim.charges) == 2 and not any(c.forced for c in claim.fast.charges)
+    s.send({"attempt": 1})
+    s.expect(Beat)
+
+
+def test_over_budget_with_on_exceed_approval_asks_and_the_approved_claim_is_forced() -> None:
+    from agent_ledger._limits import EPOCH
+    from agent_ledger._store import EXCEEDED
+
+    policy = ApprovalPolicy(ttl=3600.0, approvers=None, wait=0.0)
+    s = Script(execute(plan(charges=_charges(on_exceed="approval"), limit_approval=policy)))
+    s.expect(Db, "claim")
+    s.send(EXCEEDED)
+    s.expect(Db, "usage")
+    s.send([{"name": "spend", "scope": "wf", "window_start": EPOCH, "used": 200.0}])
+    s.expect(Db, "limit_exceeded")
+    s.send(1)
+    s.expect(Now)
+    s.send((T0, 0.0))
+    s.expect(Db, "approval")  # the newest request for this exact payload
+    approved = {"id": "apr_1", "status": "approved", "expires_at": T0 + timedelta(hours=1), "decided_by": "boss"}
+    s.send(approved)
+    s.expect(Db, "load")
+    s.send(None)
+    claim = s.expect(Db, "claim").work
+    # The approved call runs past the limit: its charges are forced, the approval consumed with the claim.
+    assert claim.fast is None and claim.all_or_nothing and len(claim.charges) == 2
+    assert all(stmt is STORE._charge_forced for stmt, _ in claim.charges)
+    s.send({"attempt": 1})
+    s.expect(Beat)
