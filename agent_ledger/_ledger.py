@@ -492,6 +492,7 @@ class Ledger:
         limits: Iterable[Limit] | None = None,
     ) -> None:
         resolved = url or os.environ.get("AGENT_LEDGER_URL") or DEFAULT_URL
+        declared_limits = limits_option(limits, "Ledger(...)")
         if not isinstance(max_args_bytes, int) or max_args_bytes <= 0:
             raise ConfigurationError(f"max_args_bytes must be a positive int, not {max_args_bytes!r}")
         if not table_prefix.replace("_", "").isalnum():
@@ -518,7 +519,7 @@ class Ledger:
         """Approval requests of this ledger: read, approve, reject (``ApprovalService``)."""
         self._rt.approvals = self.approvals
         self._tools: dict[str, tuple[Callable[..., Any], _Options]] = {}
-        self.limits = limits_option(limits, "Ledger(...)")
+        self.limits = declared_limits
         """The limits every tool's executions consume (``Limit``), besides each tool's own."""
 
     def __repr__(self) -> str:
@@ -700,8 +701,9 @@ class Ledger:
 
     def usage(self, workflow_id: str | None = None, tool: str | None = None) -> list[LimitUsage]:
         """How much of each budget is used in its current window, so an agent can tell the model what is
-        left: with ``workflow_id``, the budgets that constrain that workflow (its own and the shared
-        ones); with ``tool``, those of limits covering that tool. Budgets of limits declared on this
+        left: with ``workflow_id``, the budgets that constrain that workflow (its own, and the shared
+        per-tool and per-ledger ones; custom scopes such as tenants are listed without it); with
+        ``tool``, those of limits covering that tool. Budgets of limits declared on this
         ledger and its tools that nothing consumed yet are listed too, with nothing used."""
         for value, what in ((workflow_id, "workflow id"), (tool, "tool name")):
             if value is not None:

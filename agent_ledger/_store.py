@@ -920,12 +920,12 @@ class Store:
 
     def usage(self, *, now: datetime, workflow_id: str | None = None, tool: str | None = None) -> Work:
         """Usage rows of the windows open at ``now``: with ``workflow_id``, the budgets that constrain
-        that workflow (its own, and the shared per-tool, per-ledger and custom ones); with ``tool``, the
-        budgets of limits that cover that tool."""
+        that workflow (its own, and the shared per-tool and per-ledger ones; a custom scope, such as a
+        tenant, is not tied to a workflow); with ``tool``, the budgets of limits that cover that tool."""
         us = self._usage
         stmt = select(us).where(or_(us.c.window_end.is_(None), us.c.window_end > now)).order_by(us.c.name, us.c.scope)
         if workflow_id is not None:
-            stmt = stmt.where(or_(us.c.per != "workflow", us.c.scope == workflow_id))
+            stmt = stmt.where(or_(us.c.per.in_(("tool", "ledger")), us.c.scope == workflow_id))
         if tool is not None:
             stmt = stmt.where(
                 or_(us.c.tool == tool, and_(us.c.tool.is_(None), or_(us.c.per != "tool", us.c.scope == tool)))
