@@ -656,7 +656,7 @@ class Ledger:
             key_bytes = canonical_args
         charges: tuple[Any, ...] = ()
         limit_approval = None
-        if self.limits or options.limits:
+        if (self.limits or options.limits) and options is not _STEP_OPTIONS:  # a recorded step is not a tool
             charges, limit_approval = self._charges(workflow_id, tool, args, options)
         return Plan(
             store=self._rt.store,

@@ -29,6 +29,8 @@ has one window, starting here and never ending."""
 
 Number = int | float | Decimal
 PER_KINDS = ("workflow", "tool", "ledger")
+MAX_AMOUNT = float(2**53)
+"""The largest cap or amount: budgets are stored as doubles, exact for integers up to 2**53."""
 
 
 def _number(value: object) -> float | None:
@@ -63,15 +65,15 @@ class Limit:
 
     def __post_init__(self) -> None:
         cap = _number(self.max)
-        if cap is None or cap < 0:
-            raise ConfigurationError(f"Limit(max=...) must be a finite number >= 0, not {self.max!r}")
+        if cap is None or cap < 0 or cap > MAX_AMOUNT:
+            raise ConfigurationError(f"Limit(max=...) must be a number from 0 to 2**53, not {self.max!r}")
         count = self.count
         if isinstance(count, str):
             if text_problem(count, MAX_NAME) is not None:
                 raise ConfigurationError(f"Limit(count=...) must name an argument, not {count!r}")
         elif not callable(count):
             amount = _number(count)
-            if amount is None or amount < 0:
+            if amount is None or amount < 0 or amount > MAX_AMOUNT:
                 raise ConfigurationError(
                     f"Limit(count=...) must be a number >= 0, an argument name or a function of the call, not {count!r}"
                 )
@@ -161,6 +163,8 @@ def _amount(limit: Limit, call: Callable[[], ToolCall], args: Mapping[str, Any],
         where = "count"
     if amount < 0:
         raise InvalidArguments(f"tool {tool!r}: a limit's amount ({where}) is {amount:g}, which is negative")
+    if amount > MAX_AMOUNT:
+        raise InvalidArguments(f"tool {tool!r}: a limit's amount ({where}) is {amount:g}, over the largest, 2**53")
     return amount
 
 
@@ -208,6 +212,10 @@ def charges_for(
     seen: dict[tuple[str, str], Limit] = {}
     for limit, where in declared:
         name = limit.default_name(where)
+        if len(name) > MAX_NAME:
+            raise ConfigurationError(
+                f"tool {tool!r}: the limit name {name[:60]!r}... is over {MAX_NAME} characters: give the limit a name="
+            )
         scope, per = _scope(limit, call, workflow_id, tool)
         other = seen.get((name, scope))
         if other is not None:

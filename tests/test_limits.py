@@ -410,6 +410,7 @@ def test_refusals_and_resets_are_audited(make_ledger: Callable[..., Ledger], mod
         (lambda: Limit(max=-1), "max"),
         (lambda: Limit(max=float("nan")), "max"),
         (lambda: Limit(max="10"), "max"),  # type: ignore[arg-type]
+        (lambda: Limit(max=2**60), "max"),
         (lambda: Limit(max=1, per="galaxy"), "per"),  # type: ignore[arg-type]
         (lambda: Limit(max=1, window=0), "window"),
         (lambda: Limit(max=1, window=dt.timedelta(0)), "window"),
@@ -434,6 +435,7 @@ def test_bad_limits_are_refused_when_declared(make: Callable[[], Any], match: st
         ({"amount": True}, "bool, not a finite number"),
         ({"amount": float("inf")}, "inf"),
         ({"amount": -3}, "negative"),
+        ({"amount": 10**300}, "over the largest"),
     ],
 )
 def test_bad_amounts_are_refused_before_anything_runs(
@@ -470,6 +472,10 @@ def test_bad_limits_options_are_refused(make_ledger: Callable[..., Ledger]) -> N
     ledger = make_ledger()
     with pytest.raises(ConfigurationError, match="Limit objects"):
         ledger.tool("x", limits=[{"max": 1}])(lambda: 1)  # type: ignore[list-item]
+    long_tool = Runs(ledger, "sync", tool="t" * 250, limits=[Limit(max=1)])
+    with pytest.raises(ConfigurationError, match="give the limit a name"):
+        long_tool(n=1)
+    assert long_tool.ran == []
     run = Runs(ledger, "sync", limits=[Limit(max=1, name="same"), Limit(max=2, name="same")])
     with pytest.raises(ConfigurationError, match="two different limits named 'same'"):
         run(n=1)
@@ -605,6 +611,20 @@ def test_cli_limits_and_reset(db_url: str, make_ledger: Callable[..., Ledger]) -
 
 
 # -- the schema ---------------------------------------------------------------------------------
+
+
+def test_recorded_steps_are_not_tools(make_ledger: Callable[..., Ledger]) -> None:
+    """Model turns recorded with ``ledger.step`` do not consume the ledger's tool limits."""
+    ledger = make_ledger(limits=[Limit(max=1, name="tool calls")])
+    turns: list[int] = []
+
+    def turn(n: int) -> int:
+        turns.append(n)
+        return n
+
+    with ledger.workflow("wf-steps"):
+        assert [ledger.step("think", turn, n) for n in range(3)] == [0, 1, 2]
+    assert turns == [0, 1, 2] and ledger.usage() == []
 
 
 def test_rows_of_removed_limits_are_harmless(make_ledger: Callable[..., Ledger]) -> None:
