@@ -489,6 +489,17 @@ class Hot:
             spec = self._limited[n] = _compile(self.store.hot.limited_claim(n), self.dialect)
         return spec.sql, self.params(spec, op.limited_binds()), True
 
+    def _over_budget(self, sql: str, e: Exception) -> bool:
+        """Postgres: whether an error is the deliberate refusal of a limited claim over budget (its own
+        statement's cast error, not another statement's error that happens to quote the same text)."""
+        import psycopg
+
+        return (
+            isinstance(e, psycopg.errors.InvalidTextRepresentation)
+            and LIMIT_MARK in str(e)
+            and any(sql is spec.sql for spec in self._limited.values())
+        )
+
     def _charged(self, conn: Any, op: ClaimNew) -> bool:
         """SQLite, inside the claim's transaction: consume each charge; False when one does not fit."""
         for charge in op.charges:
@@ -624,7 +635,7 @@ class Hot:
                 try:
                     cur = conn.execute(sql, params)
                 except Exception as e:
-                    if LIMIT_MARK not in str(e):
+                    if not self._over_budget(sql, e):
                         raise
                     got = EXCEEDED  # a limited claim over budget: the statement rolled back as a whole
                     continue
@@ -748,7 +759,7 @@ class Hot:
                 try:
                     cur = await conn.execute(sql, params)
                 except Exception as e:
-                    if LIMIT_MARK not in str(e):
+                    if not self._over_budget(sql, e):
                         raise
                     got = EXCEEDED  # as in _pg
                     continue
