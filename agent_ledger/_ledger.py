@@ -688,6 +688,13 @@ class Ledger:
         """The charges of a call with limits (before any I/O: bad amounts raise here), and how to ask for
         an approval past a limit declared with ``on_exceed="approval"``."""
         declared = [(limit, None) for limit in self.limits] + [(limit, tool) for limit in options.limits]
+        for limit, _where in declared:
+            if isinstance(limit.count, str) and limit.count in options.redact:
+                # Its amount would reach the usage table, LimitExceeded's message and the audit trail.
+                raise ConfigurationError(
+                    f"tool {tool!r}: a limit counts argument {limit.count!r}, which the tool redacts; count "
+                    f"something else (a limit's amounts are stored and shown in clear)"
+                )
         charges = charges_for(declared, workflow_id=workflow_id, tool=tool, args=args, now=utcnow())
         if not any(c.on_exceed == "approval" for c in charges):
             return charges, None

@@ -472,6 +472,11 @@ def test_bad_limits_options_are_refused(make_ledger: Callable[..., Ledger]) -> N
     ledger = make_ledger()
     with pytest.raises(ConfigurationError, match="Limit objects"):
         ledger.tool("x", limits=[{"max": 1}])(lambda: 1)  # type: ignore[list-item]
+    keyed = make_ledger(redaction_key="k" * 32)
+    secret = Runs(keyed, "sync", limits=[Limit(max=1, count="pin")], redact=["pin"])
+    with pytest.raises(ConfigurationError, match="which the tool redacts"):
+        secret(pin=1234)
+    assert secret.ran == []
     long_tool = Runs(ledger, "sync", tool="t" * 250, limits=[Limit(max=1)])
     with pytest.raises(ConfigurationError, match="give the limit a name"):
         long_tool(n=1)
