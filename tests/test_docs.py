@@ -77,7 +77,7 @@ def test_every_command_in_the_docs_exists(page: str, line: str) -> None:
     assert words[0] in commands, f"{page}: no subcommand {words[0]!r} in `{line}`"
     sub = commands[words[0]]
     nested = _subparsers(sub)
-    if nested and len(words) > 1 and not words[1].startswith("-"):
+    if nested and len(words) > 1 and not words[1].startswith(("-", "[")):  # "[--opt" is optional, not a command
         assert words[1] in nested, f"{page}: no subcommand {words[0]} {words[1]!r} in `{line}`"
         sub = nested[words[1]]
     options = _options(sub)
