@@ -50,7 +50,7 @@ from ._models import (
 )
 from ._runtime import Runtime
 from ._schema import DEFAULT_PREFIX, build_tables
-from ._store import row_from_mapping
+from ._store import Work, row_from_mapping
 from ._telemetry import Telemetry
 from ._text import (
     DEFAULT_AUDIT_INTERVAL,
@@ -61,6 +61,19 @@ from ._text import (
     check_text,
     printable,
     text_problem,
+)
+from ._timeline import (
+    MAX_LIMIT as MAX_WORKFLOWS_PAGE,
+)
+from ._timeline import (
+    NEEDS_HUMAN,
+    Timeline,
+    WorkflowPage,
+    build_timeline,
+    decode_cursor,
+    encode_cursor,
+    summary_from_row,
+    workflows_query,
 )
 from .approvals._service import ApprovalService
 from .errors import (
@@ -1291,6 +1304,79 @@ class Ledger:
     def history(self, workflow_id: str) -> list[EffectRecord]:
         """The workflow's effects in the order they were first called, each with its audit events."""
         return self.effects(workflow_id=workflow_id)
+
+    def timeline(self, workflow_id: str) -> Timeline:
+        """The whole story of a workflow, in time order: every effect with its attempts, replays,
+        approval requests and votes (quorum progress), refusals, late completions, resolutions, durations
+        and outcomes. Three queries, whatever the number of effects. An unknown workflow id gives an
+        empty ``Timeline`` (``timeline.empty``)."""
+        if not _findable(workflow_id):
+            return Timeline(workflow_id=printable(workflow_id, MAX_NAME))
+        self._rt.flush()
+        store = self._rt.store
+        effects = self._rt.do(store.effects(workflow_id=workflow_id))
+        events = self._rt.do(store.events_for_workflow(workflow_id))
+        approvals = self._rt.do(store.approvals(status=None, workflow_id=workflow_id, tool=None, now=None))
+        return build_timeline(workflow_id, effects, events, approvals, utcnow())
+
+    def workflows(
+        self,
+        *,
+        status: Status | str | None = None,
+        since: datetime | timedelta | None = None,
+        until: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> WorkflowPage:
+        """Workflows, newest activity first: id, first and last activity, effects by status, pending
+        approval requests, unknown outcomes and whether a person is needed. One aggregate query.
+
+        ``status`` keeps workflows with at least one effect in that status (or ``"needs_human"``: a
+        pending approval request or an unknown outcome); ``since`` (a datetime, or a timedelta before
+        now) and ``until`` bound the last activity. At most ``limit`` (1 to 500) lines; pass the page's
+        ``next_cursor`` as ``cursor`` for the next page.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_WORKFLOWS_PAGE:
+            raise InvalidArguments(f"limit must be an int from 1 to {MAX_WORKFLOWS_PAGE}, not {limit!r}")
+        state: str | None = None
+        if status is not None:
+            state = NEEDS_HUMAN if status == NEEDS_HUMAN else None
+            if state is None:
+                try:
+                    state = Status(status).value
+                except ValueError:
+                    choices = ", ".join([*(s.value for s in Status), NEEDS_HUMAN])
+                    raise InvalidArguments(f"status must be one of {choices}, not {printable(status, 40)!r}") from None
+        now = utcnow()
+        if isinstance(since, timedelta):
+            since = now - since
+        for name, when in (("since", since), ("until", until)):
+            if when is not None and (not isinstance(when, datetime) or when.tzinfo is None):
+                raise InvalidArguments(f"{name} must be an aware datetime, not {when!r}")
+        after = decode_cursor(cursor) if cursor is not None else None
+        self._rt.flush()
+        stmt = workflows_query(
+            self.tables, now=now, status=state, since=since, until=until, after=after, limit=limit + 1
+        )
+        rows = [summary_from_row(m) for m in self._rt.do(Work(((stmt, {}),), "rows", False, "workflows"))]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        following = encode_cursor(rows[-1].last_at, rows[-1].workflow_id) if more and rows else None
+        return WorkflowPage(workflows=rows, next_cursor=following)
+
+    def console_app(self, *, auth: Any, max_body_bytes: int = 64 * 1024) -> Any:
+        """The web console as an ASGI app (needs ``pip install 'agent-ledger[console]'``): the approvals
+        inbox, workflows and their timelines, unknown outcomes to settle. Mount it in Starlette or FastAPI
+        (``app.mount("/ledger", ledger.console_app(auth=...))``) or serve it with any ASGI server.
+
+        ``auth`` is a ``ConsoleAuth`` (per-user tokens and/or a trusted header set by an SSO proxy):
+        the console never runs without one. Decisions and resolutions are made as the authenticated
+        user, through the same service as ``approve`` / ``reject`` / ``resolve``. Request bodies over
+        ``max_body_bytes`` are refused with 413 before they are read. See docs/console.md.
+        """
+        from .console._app import build_app
+
+        return build_app(self, auth, max_body_bytes=max_body_bytes)
 
     def resolve(
         self,
