@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 import sys
+import textwrap
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 from ._hide import hide, hide_url
 from ._ledger import Ledger
 from ._models import Status
+from ._text import printable
+from ._timeline import NEEDS_HUMAN, displayable
 from .errors import ConfigurationError, LedgerError, SchemaMissing, StorageError
 
 __all__ = ["main"]
@@ -190,6 +193,39 @@ def _parser() -> argparse.ArgumentParser:
     proxy.add_argument("upstream", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the upstream server")
     _url_option(proxy)
 
+    wf = sub.add_parser("workflow", help="one workflow's whole story in time order (the timeline)")
+    wf.add_argument("workflow_id")
+    wf.add_argument("--json", action="store_true", help="print the Timeline as JSON")
+    _url_option(wf)
+
+    wfs = sub.add_parser("workflows", help="workflows, newest activity first, with counts and who needs a person")
+    wfs.add_argument(
+        "--status",
+        choices=[*(s.value for s in Status), NEEDS_HUMAN],
+        help="only workflows with an effect in this status (needs_human: a pending approval or unknown outcome)",
+    )
+    wfs.add_argument("--since", type=_duration, help="only those active in the last DURATION (e.g. 24h, 7d)")
+    wfs.add_argument("--limit", type=int, default=50, help="at most this many (1-500, default: 50)")
+    wfs.add_argument("--cursor", help="the next page (printed at the end of the previous one)")
+    wfs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _url_option(wfs)
+
+    con = sub.add_parser(
+        "console",
+        help="serve the web console: approvals inbox, workflows, unknown outcomes (needs agent-ledger[console])",
+        description="Serve the web console. It never starts without authentication: give users with tokens "
+        "(--user NAME:TOKEN, repeatable, or --users-file with name:token lines) and/or --trusted-header, the "
+        "header an SSO reverse proxy sets to the signed-in user's name.",
+    )
+    con.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    con.add_argument("--port", type=int, default=8700, help="port to listen on (default: 8700)")
+    con.add_argument(
+        "--user", action="append", default=[], metavar="NAME:TOKEN", help="a user and their token (repeatable)"
+    )
+    con.add_argument("--users-file", metavar="FILE", help="a file of name:token lines (keeps tokens out of ps)")
+    con.add_argument("--trusted-header", metavar="HEADER", help="e.g. X-Forwarded-User, set by an SSO proxy")
+    _url_option(con)
+
     res = sub.add_parser("resolve", help="settle an effect whose outcome is unknown")
     res.add_argument("key")
     how = res.add_mutually_exclusive_group(required=True)
@@ -276,7 +312,117 @@ def _show(ns: argparse.Namespace) -> int:
         print(f"{k:>18}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     print("            events:")
     for e in record.events:
-        print(f"    {e.at.isoformat(timespec='milliseconds')} {e.kind:<16} attempt={e.attempt} by={e.owner}")
+        parts = [f"    {e.at.isoformat(timespec='milliseconds')} {e.kind:<18}"]
+        if e.attempt is not None:
+            parts.append(f"attempt {e.attempt}")
+        if e.owner is not None:
+            parts.append(f"by {printable(e.owner, 255)}")
+        print(" ".join(parts))
+        for name, value in (e.detail or {}).items():
+            if value is None:
+                continue
+            shown = json.dumps(displayable(value), ensure_ascii=False) if not isinstance(value, str) else value
+            print(f"        {name}: {printable(shown, 500)}")
+    return 0
+
+
+def _clock(when: datetime) -> str:
+    return when.strftime("%Y-%m-%d %H:%M:%S") + " UTC"
+
+
+def _workflow(ns: argparse.Namespace) -> int:
+    with _ledger(ns) as ledger:
+        timeline = ledger.timeline(ns.workflow_id)
+    if ns.json:
+        _print_json(timeline.model_dump(mode="json"))
+        return 0 if not timeline.empty else 1
+    if timeline.empty:
+        print(f"nothing recorded for workflow {printable(ns.workflow_id, 100)!r}", file=sys.stderr)
+        return 1
+    wrap = functools.partial(textwrap.fill, width=80, initial_indent="    ", subsequent_indent="    ")
+    counts = ", ".join(f"{n} {status}" for status, n in timeline.counts.items()) or "no effect yet"
+    print(f"workflow {printable(timeline.workflow_id, 255)}")
+    print(f"  effects: {counts}")
+    needs = []
+    if timeline.pending_approvals:
+        needs.append(f"{timeline.pending_approvals} pending approval(s)")
+    if timeline.unknown:
+        needs.append(f"{timeline.unknown} unknown outcome(s)")
+    print(f"  needs a person: {', '.join(needs) if needs else 'no'}")
+    if timeline.first_at is not None and timeline.last_at is not None:
+        print(f"  first {_clock(timeline.first_at)}, last {_clock(timeline.last_at)}")
+    day = None
+    for x in timeline.entries:
+        if x.at.date() != day:
+            day = x.at.date()
+            print(f"\n{day.isoformat()}")
+        head = f"{x.at.strftime('%H:%M:%S.%f')[:12]}  {x.kind.replace('_', ' '):<20} {printable(x.tool, 255)}"
+        print(head if len(head) <= 80 else head[:77] + "...")
+        tail = [printable(x.summary, 1000)]
+        if x.by:
+            tail.append(f"by {printable(x.by, 255)}")
+        if x.duration_ms is not None:
+            tail.append(f"{x.duration_ms:.1f}ms")
+        print(wrap(" · ".join(tail)))
+    if timeline.effects:
+        print("\neffects")
+        for e in timeline.effects:
+            took = f"{e.duration_ms:.1f}ms" if e.duration_ms is not None else "-"
+            line = f"  {printable(e.tool, 40):<30} {e.status.value:<10} attempts {e.attempts}, replays {e.replays}"
+            print(f"{line}, {took}")
+            print(wrap(f"key {e.key}; args {printable(json.dumps(e.args, ensure_ascii=False), 600)}"))
+    return 0
+
+
+def _workflows(ns: argparse.Namespace) -> int:
+    with _ledger(ns) as ledger:
+        page = ledger.workflows(status=ns.status, since=ns.since, limit=ns.limit, cursor=ns.cursor)
+    if ns.json:
+        _print_json(page.model_dump(mode="json"))
+        return 0
+    if not page.workflows:
+        print("no workflows match")
+        return 0
+    print(f"{'workflow':<24} {'last activity':<23} {'person':<6} effects")
+    for w in page.workflows:
+        counts = ", ".join(f"{n} {s}" for s, n in w.counts.items()) or "-"
+        if w.pending_approvals:
+            counts += f"; {w.pending_approvals} pending approval(s)"
+        name = printable(w.workflow_id, 255)
+        name = name if len(name) <= 24 else name[:21] + "..."
+        print(f"{name:<24} {_clock(w.last_at):<23} {'yes' if w.needs_human else 'no':<6} {counts}")
+    if page.next_cursor:
+        print(f"more: agent-ledger workflows --cursor {page.next_cursor}")
+    return 0
+
+
+def _console(ns: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .console import ConsoleAuth, _app, read_users
+
+        del _app  # imported to fail here, with the hint, when the extra is missing
+    except ImportError as e:
+        raise ConfigurationError(f"console needs the console extra: pip install 'agent-ledger[console]' ({e})") from e
+    users: dict[str, str] = read_users(ns.users_file) if ns.users_file else {}
+    for spec in ns.user:
+        name, sep, token = spec.partition(":")
+        if not sep or not name or not token:
+            raise ConfigurationError("--user takes NAME:TOKEN")  # never echo the token
+        if name in users:
+            raise ConfigurationError(f"console user {name!r} is given twice")
+        users[name] = token
+    if not users and not ns.trusted_header:
+        raise ConfigurationError(
+            "the console needs authentication: --user NAME:TOKEN (repeatable), --users-file FILE "
+            "and/or --trusted-header X-Forwarded-User"
+        )
+    auth = ConsoleAuth(users, trusted_header=ns.trusted_header)
+    with _ledger(ns) as ledger:
+        app = ledger.console_app(auth=auth)
+        print(f"agent-ledger console on http://{ns.host}:{ns.port}/ ({ledger!r})", file=sys.stderr)
+        uvicorn.run(app, host=ns.host, port=ns.port, log_level="warning", server_header=False)
     return 0
 
 
@@ -449,6 +595,12 @@ def _main(argv: Sequence[str] | None) -> int:
             return _show(ns)
         if ns.command == "resolve":
             return _resolve(ns)
+        if ns.command == "workflow":
+            return _workflow(ns)
+        if ns.command == "workflows":
+            return _workflows(ns)
+        if ns.command == "console":
+            return _console(ns)
         if ns.command == "prune":
             with _ledger(ns) as ledger:
                 n = ledger.prune(older_than=ns.older_than)

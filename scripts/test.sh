@@ -81,6 +81,19 @@ if [ "$(id -u)" -eq 0 ] && ! id -u postgres >/dev/null 2>&1; then
     useradd --system --user-group --no-create-home --shell /usr/sbin/nologin postgres
 fi
 
+# The console's browser tests drive Debian's headless Chromium through its matching chromedriver.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "scripts/test.sh: chromium or chromedriver not found; installing the Debian packages chromium and chromium-driver" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        apt-get install -y -q chromium chromium-driver </dev/null
+    else
+        echo "scripts/test.sh: chromium and chromium-driver are not installed: the browser tests will be skipped" >&2
+        echo "(on Debian/Ubuntu: sudo apt-get install -y chromium chromium-driver)" >&2
+    fi
+fi
+
 # The interpreter that has the package installed: python in a venv, else python3.
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 exec "$PYTHON" -m pytest "$@"
