@@ -69,9 +69,9 @@ class TimelineEntry(BaseModel):
     at: datetime
     kind: str
     """The audit kind (``approval_requested``, ``approval_vote``, ``approved``, ``rejected``,
-    ``approval_consumed``, ``succeeded``, ``failed``, ``marked_unknown``, ``resolved``, ``refused``,
-    ``late_completion``, ``replayed``, ...) or ``called`` (the first call of a key) and ``running`` (an
-    attempt in progress), read from the effect row."""
+    ``approval_consumed``, ``retry``, ``succeeded``, ``failed``, ``unknown``, ``marked_unknown``,
+    ``resolved``, ``refused``, ``late_completion``, ``replayed``, ...) or ``called`` (the first call of
+    a key) and ``running`` (an attempt in progress), read from the effect row."""
     key: str
     tool: str
     attempt: int | None = None
@@ -180,7 +180,8 @@ def _summary(kind: str, d: Mapping[str, Any], attempt: int | None) -> str:
         line = f"{verb} ({d['approvals']})" if d.get("approvals") and kind != "rejected" else verb
         return line + (f": {_short(d['reason'])}" if d.get("reason") else "")
     if kind == "approval_refused":
-        return f"{d.get('decision', 'decision')} refused: {_short(d.get('why', ''))}"
+        what = {"approved": "approval", "rejected": "rejection"}.get(str(d.get("decision")), "decision")
+        return f"{what} refused: {_short(d.get('why', ''))}"
     if kind == "approval_consumed":
         return f"approval used by {nth}"
     if kind == "approval_expired":
@@ -192,8 +193,8 @@ def _summary(kind: str, d: Mapping[str, Any], attempt: int | None) -> str:
     if kind == "failed":
         err = d.get("error") or {}
         return f"{nth} failed: {_short(err.get('type', '?'))}: {_short(err.get('message', ''))}"
-    if kind == "marked_unknown":
-        why = d.get("reason") or d.get("why")
+    if kind in ("marked_unknown", "unknown"):
+        why = d.get("interrupted") or d.get("reason") or d.get("why")
         return f"{nth} outcome unknown" + (f" ({_short(why)})" if why else "") + ": a person must resolve it"
     if kind == "resolved":
         line = f"resolved by hand: {d.get('from', '?')} -> {d.get('to', '?')}"
@@ -205,6 +206,8 @@ def _summary(kind: str, d: Mapping[str, Any], attempt: int | None) -> str:
         if reason == "payload_mismatch":
             return f"refused: same key, other arguments (fields {', '.join(map(str, d.get('fields', [])))})"
         return f"refused: {_short(reason)}" + (f" ({_short(d['why'])})" if d.get("why") else "")
+    if kind == "retry":
+        return f"{nth} started (the previous attempt {d.get('previous_status', 'ended')})"
     if kind == "late_completion":
         return f"{nth} finished after losing its claim (late completion); its outcome was not recorded"
     if kind == "replayed":
