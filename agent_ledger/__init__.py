@@ -24,6 +24,8 @@ from ._models import (
     Status,
     ToolCall,
 )
+from ._timeline import Timeline, TimelineEffect, TimelineEntry, WorkflowPage, WorkflowSummary
+from .console import ConsoleAuth
 from .errors import (
     ApprovalMismatch,
     ApprovalPending,
@@ -64,6 +66,7 @@ __all__ = [
     "CallOptions",
     "ChannelError",
     "ConfigurationError",
+    "ConsoleAuth",
     "Effect",
     "EffectRecord",
     "ErrorInfo",
@@ -87,9 +90,14 @@ __all__ = [
     "StepDivergence",
     "StorageError",
     "Tool",
+    "Timeline",
+    "TimelineEffect",
+    "TimelineEntry",
     "ToolCall",
     "WebhookDeliveryError",
     "Workflow",
+    "WorkflowPage",
+    "WorkflowSummary",
     "__version__",
     "compute_key",
     "current_effect",

@@ -254,14 +254,16 @@ class _Console:
                 raise _Refused(400, "Content-Length is not a number")
             if len(digits) > 18 or int(digits) > self.max_body_bytes:
                 raise _Refused(413, f"request body over the limit of {self.max_body_bytes} bytes")
-        kind = headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind != "application/x-www-form-urlencoded":
-            raise _Refused(415, "send the form as application/x-www-form-urlencoded")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > self.max_body_bytes:
                 raise _Refused(413, f"request body over the limit of {self.max_body_bytes} bytes")
+        if not body:
+            return {}  # no field at all (an approval without a reason)
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/x-www-form-urlencoded":
+            raise _Refused(415, "send the form as application/x-www-form-urlencoded")
         try:
             text = bytes(body).decode("utf-8")
             pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, max_num_fields=20, errors="strict")
