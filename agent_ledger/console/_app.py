@@ -485,7 +485,7 @@ class _Console:
 
 
 def _pretty(value: Any) -> str:
-    return json.dumps(displayable(value), indent=2, ensure_ascii=False, default=str)
+    return json.dumps(displayable(value), indent=2, ensure_ascii=False, default=str, sort_keys=True)
 
 
 def _when(value: datetime | None) -> str:
@@ -497,6 +497,8 @@ def _when(value: datetime | None) -> str:
 def _ms(value: float | None) -> str:
     if value is None:
         return "-"
+    if value < 1:
+        return f"{value:.3f} ms"
     if value < 1000:
         return f"{value:.1f} ms"
     return f"{value / 1000:.2f} s"
