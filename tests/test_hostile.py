@@ -669,3 +669,119 @@ def test_lookups_for_values_that_cannot_exist_find_nothing(make_ledger: Callable
         assert ledger.pending_approvals(workflow_id=bad) == [] and ledger.pending_approvals(tool=bad) == []
         assert ledger.approval(bad) is None
     assert [r.tool for r in ledger.history(CHARGE.workflow_id)] == ["stripe.charge"] and runs.n == 1
+
+
+# ---- the web console (issue 15) -----------------------------------------------------------------
+
+CONSOLE_TOKEN = "ops-token-1f2e3d4c5b6a"
+ConsoleRequest = tuple[str, str, dict[str, str], list[bytes]]
+
+
+async def console_call(app: Any, method: str, target: str, headers: dict[str, str], chunks: list[bytes]) -> int:
+    """One request straight into the ASGI app, with the path, headers and body exactly as given."""
+    path, _, query = target.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": urllib.parse.unquote(path, errors="surrogateescape"),
+        "raw_path": path.encode("latin-1"),
+        "query_string": query.encode("latin-1"),
+        "root_path": "",
+        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
+        "client": ("127.0.0.1", 40000),
+        "server": ("console.test", 80),
+    }
+    queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    queue = queue or [{"type": "http.request", "body": b"", "more_body": False}]
+    status: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(scope, receive, send)
+    return status[0]
+
+
+def console_battery(approval_id: str, key: str) -> dict[str, ConsoleRequest]:
+    auth = {"authorization": f"Bearer {CONSOLE_TOKEN}"}
+    form = {**auth, "content-type": "application/x-www-form-urlencoded"}
+    out: dict[str, ConsoleRequest] = {}
+    approve, resolve = f"/approvals/{approval_id}/approve", f"/effects/{key}/resolve"
+    for label, raw in (("nul", "a%00b"), ("long", "x" * 300), ("surrogate", "a%ED%A0%80b"), ("latin1", "a%FFb")):
+        out[f"approve-id-{label}"] = ("POST", f"/approvals/{raw}/approve", form, [b"reason=x"])
+        out[f"reject-id-{label}"] = ("POST", f"/approvals/{raw}/reject", form, [b"reason=x"])
+        out[f"resolve-key-{label}"] = ("POST", f"/effects/{raw}/resolve", form, [b"outcome=retry&value="])
+        out[f"workflow-{label}"] = ("GET", f"/workflows/{raw}", auth, [])
+        text = "y" * 5000 if label == "long" else raw  # 300 characters are a fine reason or error
+        out[f"reason-{label}"] = ("POST", approve, form, [f"reason={text}".encode()])
+        out[f"error-value-{label}"] = ("POST", resolve, form, [f"outcome=error&value={text}".encode()])
+        if label != "long":  # a long result is a result
+            out[f"result-value-{label}"] = ("POST", resolve, form, [f'outcome=result&value="{raw}"'.encode()])
+        out[f"login-{label}"] = ("POST", "/login", form, [f"user={raw}&token={raw}".encode()])
+        out[f"cursor-{label}"] = ("GET", f"/workflows?cursor={raw}", auth, [])
+        out[f"status-{label}"] = ("GET", f"/workflows?status={raw}", auth, [])
+    out["unknown-approval"] = ("POST", "/approvals/apr_0000000000000000/approve", form, [b"reason=x"])
+    out["unknown-effect"] = ("POST", "/effects/v1:0000/resolve", form, [b"outcome=retry&value="])
+    out["reject-huge-reason"] = ("POST", f"/approvals/{approval_id}/reject", form, [b"reason=" + b"y" * 5000])
+    out["non-utf8-body"] = ("POST", approve, form, [b"reason=\xff\xfe"])
+    out["json-body"] = ("POST", approve, {**auth, "content-type": "application/json"}, [b'{"reason": "x"}'])
+    out["declared-huge"] = ("POST", approve, {**form, "content-length": str(10**9)}, [b"reason=x"])
+    out["bad-content-length"] = ("POST", approve, {**form, "content-length": "12abc"}, [b"reason=x"])
+    out["streamed-huge"] = ("POST", approve, form, [b"reason=" + b"z" * 40_000, b"z" * 40_000])
+    out["twice"] = ("POST", resolve, form, [b"outcome=retry&outcome=result&value=1"])
+    out["many-fields"] = ("POST", approve, form, [b"&".join(b"f%d=1" % i for i in range(50))])
+    out["bad-json"] = ("POST", resolve, form, [b"outcome=result&value=%7Bnot+json"])
+    out["deep-json"] = ("POST", resolve, form, [b"outcome=result&value=" + b"%5B" * 20_000])
+    out["no-outcome"] = ("POST", resolve, form, [b"value=1"])
+    out["bad-outcome"] = ("POST", resolve, form, [b"outcome=%3Cscript%3E&value=1"])
+    out["empty-error"] = ("POST", resolve, form, [b"outcome=error&value="])
+    out["result-escaped-nul"] = ("POST", resolve, form, [b"outcome=result&value=%22a%5Cu0000b%22"])
+    out["result-escaped-surrogate"] = ("POST", resolve, form, [b"outcome=result&value=%22a%5Cud800b%22"])
+    for bad in ("limit=abc", "limit=-1", "limit=" + "9" * 30, "since=forever", "since=1e400s", "since=-5m"):
+        out[f"workflows-{bad[:14]}"] = ("GET", f"/workflows?{bad}", auth, [])
+    out["auth-latin1"] = ("GET", "/", {"authorization": "Bearer \xff\xfe"}, [])
+    out["auth-huge"] = ("GET", "/", {"authorization": "Bearer " + "t" * 100_000}, [])
+    out["cookie-garbage"] = ("GET", "/", {"cookie": 'agent_ledger_console="\x00\\'}, [])
+    out["cookie-huge"] = ("GET", "/", {"cookie": "agent_ledger_console=" + "c" * 10_000}, [])
+    out["unauthenticated-approve"] = ("POST", approve, {"content-type": "application/x-www-form-urlencoded"}, [b""])
+    return out
+
+
+def test_hostile_console_requests_get_4xx_and_change_nothing(make_ledger: Callable[..., Ledger]) -> None:
+    from agent_ledger import ConsoleAuth, Status
+
+    ledger = make_ledger()
+    runs = Runs()
+    approval = pending(ledger, runs)
+
+    def crash(order: str) -> None:
+        runs.n += 1
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ledger.run(ToolCall(workflow_id="order-9", tool="email.send", args={"order": "o9"}), crash)
+    (unknown,) = ledger.effects(status="unknown")
+    app = ledger.console_app(auth=ConsoleAuth({"ops": CONSOLE_TOKEN}))
+    battery = console_battery(approval.approval_id, unknown.key)
+    statuses = {name: asyncio.run(console_call(app, *request)) for name, request in battery.items()}
+    assert {name: s for name, s in statuses.items() if not 400 <= s < 500} == {}
+    assert statuses["declared-huge"] == statuses["streamed-huge"] == 413 and statuses["json-body"] == 415
+    assert statuses["unknown-approval"] == 409 and statuses["unknown-effect"] == 404
+    assert statuses["unauthenticated-approve"] == statuses["auth-huge"] == statuses["cookie-garbage"] == 401
+    still = ledger.approval(approval.approval_id)
+    assert still is not None and still.status is ApprovalStatus.PENDING and still.approved_by == []
+    record = ledger.effect(unknown.key)
+    assert record is not None and record.status is Status.UNKNOWN
+    assert runs.n == 1 and [e.kind for e in ledger.events(key=unknown.key)] == ["unknown"]
+    # The console still works for a genuine decision.
+    good = ("POST", f"/approvals/{approval.approval_id}/approve", {"authorization": f"Bearer {CONSOLE_TOKEN}"}, [])
+    assert asyncio.run(console_call(app, *good)) == 200
+    assert ledger.run(CHARGE, handler=runs.charge, requires_approval=True) == "charged"
+    assert runs.n == 2

@@ -33,7 +33,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from .._models import Status
-from .._text import MAX_APPROVAL_ID, MAX_NAME, printable, text_problem
+from .._text import MAX_APPROVAL_ID, MAX_NAME, MAX_REASON, check_text, printable, text_problem
 from .._timeline import NEEDS_HUMAN, displayable
 from ..errors import (
     ApprovalRefused,
@@ -467,7 +467,7 @@ class _Console:
             elif outcome == "error":
                 if not value.strip():
                     raise _Refused(400, "value must be the error message")
-                kwargs = {"error": value}
+                kwargs = {"error": check_text(value, "the error message", MAX_REASON)}
             elif outcome == "retry":
                 kwargs = {"retry": True}
             else:
