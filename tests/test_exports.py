@@ -131,3 +131,22 @@ def test_the_core_imports_neither_mcp_nor_pydantic_ai() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["[]", "['mcp', 'pydantic_ai']"]
+
+
+def test_the_core_imports_nothing_of_the_console(tmp_path: Path) -> None:
+    """The console is an optional extra: ``import agent_ledger`` (ConsoleAuth included), the CLI and
+    ``ledger.timeline`` load neither Starlette, Jinja2, itsdangerous nor uvicorn; ``console_app`` does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, agent_ledger, agent_ledger.cli, agent_ledger.console; "
+        f"led = agent_ledger.Ledger('sqlite:///{tmp_path / 'l.db'}'); led.timeline('w'); led.workflows(); "
+        "auth = agent_ledger.ConsoleAuth({'alice': 'a' * 16}); "
+        "names = ('starlette', 'jinja2', 'itsdangerous', 'uvicorn', 'multipart'); "
+        "print(sorted(m for m in names if m in sys.modules)); "
+        "led.console_app(auth=auth); "
+        "print(sorted(m for m in names if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "['itsdangerous', 'jinja2', 'starlette']"]
