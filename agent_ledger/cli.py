@@ -326,8 +326,12 @@ def _show(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _took(ms: float) -> str:
+    return f"{ms:.3f}ms" if ms < 1 else f"{ms:.1f}ms"
+
+
 def _clock(when: datetime) -> str:
-    return when.strftime("%Y-%m-%d %H:%M:%S") + " UTC"
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _workflow(ns: argparse.Namespace) -> int:
@@ -362,12 +366,12 @@ def _workflow(ns: argparse.Namespace) -> int:
         if x.by:
             tail.append(f"by {printable(x.by, 255)}")
         if x.duration_ms is not None:
-            tail.append(f"{x.duration_ms:.1f}ms")
+            tail.append(_took(x.duration_ms))
         print(wrap(" · ".join(tail)))
     if timeline.effects:
         print("\neffects")
         for e in timeline.effects:
-            took = f"{e.duration_ms:.1f}ms" if e.duration_ms is not None else "-"
+            took = _took(e.duration_ms) if e.duration_ms is not None else "-"
             line = f"  {printable(e.tool, 40):<30} {e.status.value:<10} attempts {e.attempts}, replays {e.replays}"
             print(f"{line}, {took}")
             print(wrap(f"key {e.key}; args {printable(json.dumps(e.args, ensure_ascii=False), 600)}"))
@@ -383,14 +387,15 @@ def _workflows(ns: argparse.Namespace) -> int:
     if not page.workflows:
         print("no workflows match")
         return 0
-    print(f"{'workflow':<24} {'last activity':<23} {'person':<6} effects")
+    print(f"{'workflow':<24} {'last activity':<20} {'person':<6} effects")
     for w in page.workflows:
-        counts = ", ".join(f"{n} {s}" for s, n in w.counts.items()) or "-"
+        parts = [f"{n} {s}" for s, n in w.counts.items()]
         if w.pending_approvals:
-            counts += f"; {w.pending_approvals} pending approval(s)"
+            parts.append(f"{w.pending_approvals} pending approval(s)")
+        counts = ", ".join(parts) or "-"
         name = printable(w.workflow_id, 255)
         name = name if len(name) <= 24 else name[:21] + "..."
-        print(f"{name:<24} {_clock(w.last_at):<23} {'yes' if w.needs_human else 'no':<6} {counts}")
+        print(f"{name:<24} {_clock(w.last_at):<20} {'yes' if w.needs_human else 'no':<6} {counts}")
     if page.next_cursor:
         print(f"more: agent-ledger workflows --cursor {page.next_cursor}")
     return 0
