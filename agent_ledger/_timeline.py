@@ -38,6 +38,7 @@ __all__ = [
     "build_timeline",
     "decode_cursor",
     "displayable",
+    "effects_of_query",
     "encode_cursor",
     "summary_from_row",
     "workflows_query",
@@ -425,6 +426,25 @@ def workflows_query(
             )
         )
     return stmt.order_by(max_last.desc(), rows.c.workflow_id).limit(limit)
+
+
+def effects_of_query(tables: Tables, workflow_ids: Sequence[str], per_workflow: int) -> Any:
+    """One query: the latest ``per_workflow`` effects of each of these workflows (newest first)."""
+    e = tables.effects
+    rank = (
+        func.row_number()
+        .over(partition_by=e.c.workflow_id, order_by=(e.c.created_at.desc(), e.c.key))
+        .label("rank")
+    )
+    inner = select(e.c.workflow_id, e.c.tool, e.c.status, e.c.created_at, e.c.key, rank).where(
+        e.c.workflow_id.in_(list(workflow_ids))
+    )
+    ranked = inner.subquery("ranked")
+    return (
+        select(ranked.c.workflow_id, ranked.c.tool, ranked.c.status, ranked.c.created_at, ranked.c.key)
+        .where(ranked.c.rank <= per_workflow)
+        .order_by(ranked.c.workflow_id, ranked.c.created_at.desc())
+    )
 
 
 def _bound(value: datetime, name: str) -> Any:

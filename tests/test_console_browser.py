@@ -177,6 +177,7 @@ def test_a_person_approves_a_refund_and_the_agent_runs_it_once(
     shown = card.find_element(By.CSS_SELECTOR, "pre.args").text  # keys sorted: JSONB does not keep their order
     assert shown == json.dumps(REFUND.args, indent=2, sort_keys=True) and json.loads(shown) == REFUND.args
     assert "support-agent-7" in card.text and "0 of 1 approval" in card.text
+    assert "succeeded orders.lookup" in card.find_element(By.CSS_SELECTOR, ".earlier").text  # what it did before
     link = card.find_element(By.LINK_TEXT, REFUND.workflow_id)
     assert link.get_attribute("href") == f"{base}/workflows/{REFUND.workflow_id}"
     if "sqlite" in db_url:

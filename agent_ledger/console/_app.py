@@ -33,8 +33,9 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from .._models import Status
+from .._store import Work
 from .._text import MAX_APPROVAL_ID, MAX_NAME, MAX_REASON, check_text, printable, text_problem
-from .._timeline import NEEDS_HUMAN, displayable
+from .._timeline import NEEDS_HUMAN, displayable, effects_of_query
 from ..errors import (
     ApprovalRefused,
     ConfigurationError,
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 __all__ = ["build_app"]
 
 COOKIE = "agent_ledger_console"
+EARLIER = 5
+"""How many of a workflow's latest effects the inbox shows with each request."""
 PUBLIC = frozenset({"/healthz", "/login"})
 SECURITY_HEADERS = [
     (
@@ -317,12 +320,23 @@ class _Console:
             pending = await run_in_threadpool(self.ledger.pending_approvals)
             if not _wants_html(_headers(request.scope)):
                 return JSONResponse([a.model_dump(mode="json") for a in pending])
+            before = await run_in_threadpool(self.earlier, sorted({a.workflow_id for a in pending}))
             items = []
             for a in pending:
-                items.append({"a": a, "args": displayable(a.args), "progress": a.progress})
+                earlier = before.get(a.workflow_id, [])
+                items.append({"a": a, "args": displayable(a.args), "progress": a.progress, "earlier": earlier})
             return self.page(request, "inbox.html", items=items)
 
         return await self.run(request, go)
+
+    def earlier(self, workflow_ids: list[str]) -> dict[str, list[Mapping[str, Any]]]:
+        """What the agent did before, for the inbox: the latest effects of each workflow (one query)."""
+        found: dict[str, list[Mapping[str, Any]]] = {}
+        for i in range(0, len(workflow_ids), 200):
+            stmt = effects_of_query(self.ledger.tables, workflow_ids[i : i + 200], EARLIER)
+            for row in self.ledger._rt.do(Work(((stmt, {}),), "rows", False, "inbox")):
+                found.setdefault(row["workflow_id"], []).append(row)
+        return found
 
     async def workflows(self, request: Request) -> Response:
         async def go() -> Response:
