@@ -37,8 +37,6 @@ from agent_ledger import ApprovalPending, ApprovalStatus, ConsoleAuth, Ledger, T
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "docs" / "console"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
 USERS = {"alice": "alice-token-5f2b8c1e9d", "bob": "bob-token-77d1e0c3a4b2"}
 REFUND = ToolCall(
     workflow_id="support-ticket-1042",
@@ -87,14 +85,16 @@ def served(make_ledger: Callable[..., Ledger]) -> Iterator[tuple[Ledger, str]]:
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    if CHROMIUM is None or DRIVER is None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
         if os.environ.get("CI"):
             pytest.fail("chromium and chromedriver are missing: scripts/test.sh installs them (as root)")
         pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
+    options.binary_location = chromium
     for arg in (
         "--headless",
         "--no-sandbox",
@@ -108,7 +108,7 @@ def browser() -> Iterator[Any]:
     ):
         options.add_argument(arg)
     options.set_capability("unhandledPromptBehavior", "ignore")  # a dialog stays open, to be seen
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     try:
         driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_DIALOGS})
         yield driver
