@@ -71,8 +71,8 @@ class TimelineEntry(BaseModel):
     kind: str
     """The audit kind (``approval_requested``, ``approval_vote``, ``approved``, ``rejected``,
     ``approval_consumed``, ``retry``, ``succeeded``, ``failed``, ``unknown``, ``marked_unknown``,
-    ``resolved``, ``refused``, ``late_completion``, ``replayed``, ...) or ``called`` (the first call of
-    a key) and ``running`` (an attempt in progress), read from the effect row."""
+    ``resolved``, ``refused``, ``limit_exceeded``, ``late_completion``, ``replayed``, ...) or ``called``
+    (the first call of a key) and ``running`` (an attempt in progress), read from the effect row."""
     key: str
     tool: str
     attempt: int | None = None
@@ -207,6 +207,9 @@ def _summary(kind: str, d: Mapping[str, Any], attempt: int | None) -> str:
         if reason == "payload_mismatch":
             return f"refused: same key, other arguments (fields {', '.join(map(str, d.get('fields', [])))})"
         return f"refused: {_short(reason)}" + (f" ({_short(d['why'])})" if d.get("why") else "")
+    if kind == "limit_exceeded":
+        line = f"refused: over the limit {_short(d.get('limit', '?'))} ({_short(d.get('scope', '?'))}): "
+        return line + f"{d.get('used', '?')} of {d.get('max', '?')} used, {d.get('requested', '?')} requested"
     if kind == "retry":
         return f"{nth} started (the previous attempt {d.get('previous_status', 'ended')})"
     if kind == "late_completion":

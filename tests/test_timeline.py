@@ -179,6 +179,14 @@ def test_build_timeline_reads_late_completions_and_running_attempts() -> None:
     assert "late completion" in t.entries[2].summary and t.entries[2].attempt == 1
     assert t.entries[2].detail == {"status": "succeeded", "result": {"pin": "[redacted]"}}
     assert t.effects[0].args == {"pin": "[redacted]"} and t.counts == {"running": 1}
+    over = dict(
+        late,
+        kind="limit_exceeded",
+        attempt=None,
+        detail={"limit": "refunds", "scope": "w", "used": 3.0, "max": 3.0, "requested": 1.0},
+    )
+    (entry,) = build_timeline("w", [], [over], [], now).entries
+    assert entry.summary == "refused: over the limit refunds (w): 3.0 of 3.0 used, 1.0 requested"
     assert displayable([{"$redacted": "x"}, {"$redacted": "x", "other": 1}]) == [
         "[redacted]",
         {"$redacted": "x", "other": 1},
