@@ -380,3 +380,34 @@ def test_the_console_never_runs_without_authentication(make_ledger: Callable[...
         ConsoleAuth(TOKENS, secret_key="short")
     shown = repr(ConsoleAuth(TOKENS, trusted_header="X-Forwarded-User"))
     assert "alice" in shown and not any(t in shown for t in TOKENS.values())
+
+
+def test_budgets_page_shows_each_limits_usage(make_ledger: Callable[..., Ledger]) -> None:
+    from agent_ledger import Limit, LimitExceeded
+
+    hostile_name = f"calls {XSS_SCRIPT}"
+    ledger = make_ledger(limits=[Limit(max=3, name=hostile_name)])
+    runs = {"n": 0}
+
+    def work(i: int) -> int:
+        runs["n"] += 1
+        return i
+
+    for i in range(3):
+        ledger.run(ToolCall(workflow_id="loop-1", tool="search", args={"i": i}), work)
+    with pytest.raises(LimitExceeded):
+        ledger.run(ToolCall(workflow_id="loop-1", tool="search", args={"i": 3}), work)
+    assert runs["n"] == 3
+    c = client(ledger)
+    assert c.get("/budgets").status_code == 401
+    rows = c.get("/budgets", headers=bearer("alice")).json()
+    assert [(r["name"], r["scope"], r["used"], r["max"], r["remaining"]) for r in rows] == [
+        (hostile_name, "loop-1", 3.0, 3.0, 0.0)
+    ]
+    html = c.get("/budgets", headers={**bearer("alice"), **HTML}).text
+    assert "3 of 3" in html and 'class="fill full"' in html and 'style="width: 100.0%"' in html
+    assert "<script>alert" not in html and "calls &lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert 'href="/budgets"' in html
+    story = c.get("/workflows/loop-1", headers=bearer("alice")).json()
+    refusal = [e for e in story["entries"] if e["kind"] == "limit_exceeded"]
+    assert len(refusal) == 1 and refusal[0]["summary"].startswith("refused: over the limit calls <script>")

@@ -1,7 +1,7 @@
 """The web console: a Starlette app of server-rendered Jinja2 pages (``Ledger.console_app``).
 
 Routes: ``GET /`` (approvals inbox), ``GET /workflows``, ``GET /workflows/{workflow_id}``,
-``GET /unknown``, ``GET /budgets`` (when the ledger has limits), ``POST /approvals/{id}/approve`` and
+``GET /unknown``, ``GET /budgets`` (``ledger.usage()``), ``POST /approvals/{id}/approve`` and
 ``/reject`` (form field ``reason``), ``POST /effects/{key}/resolve`` (``outcome`` = result | error |
 retry, ``value``), ``GET``/``POST /login`` (``user``, ``token``) and ``GET /healthz`` (no auth).
 
@@ -16,6 +16,7 @@ Content-Security-Policy, and bodies over the limit get 413 before they are read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import urllib.parse
@@ -223,8 +224,8 @@ class _Console:
         self.env.filters["pretty"] = _pretty
         self.env.filters["when"] = _when
         self.env.filters["ms"] = _ms
+        self.env.filters["number"] = _number
         self.env.filters["q"] = lambda v: urllib.parse.quote(str(v), safe="")
-        self.has_budgets = callable(getattr(ledger, "usage", None))
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -235,7 +236,6 @@ class _Console:
             root=request.scope.get("root_path", ""),
             user=state.get("console_user"),
             csrf=state.get("console_csrf") or "",
-            has_budgets=self.has_budgets,
             notice=NOTICES.get(request.query_params.get("notice", "")),
             **context,
         )
@@ -396,10 +396,12 @@ class _Console:
 
     async def budgets(self, request: Request) -> Response:
         async def go() -> Response:
-            usage = await run_in_threadpool(self.ledger.usage)  # type: ignore[attr-defined]
-            rows = [u.model_dump(mode="json") if hasattr(u, "model_dump") else dict(u) for u in usage]
+            usage = await run_in_threadpool(self.ledger.usage)
+            rows = [dataclasses.asdict(u) for u in usage]
             if not _wants_html(_headers(request.scope)):
-                return JSONResponse(rows)
+                return JSONResponse([{k: _jsonable(v) for k, v in row.items()} for row in rows])
+            for row in rows:
+                row["pct"] = round(min(100.0, 100.0 * row["used"] / row["max"]), 1) if row["max"] > 0 else 100.0
             return self.page(request, "budgets.html", rows=rows)
 
         return await self.run(request, go)
@@ -502,6 +504,14 @@ def _pretty(value: Any) -> str:
     return json.dumps(displayable(value), indent=2, ensure_ascii=False, default=str, sort_keys=True)
 
 
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
+
+
 def _when(value: datetime | None) -> str:
     if value is None:
         return "-"
@@ -550,9 +560,8 @@ def build_app(ledger: Ledger, auth: ConsoleAuth, *, max_body_bytes: int = 64 * 1
         Route("/effects/{key}/resolve", c.resolve, methods=["POST"]),
         Route("/login", c.login_form, methods=["GET"]),
         Route("/login", c.login, methods=["POST"]),
+        Route("/budgets", c.budgets, methods=["GET"]),
         Route("/healthz", c.healthz, methods=["GET"]),
     ]
-    if c.has_budgets:
-        routes.append(Route("/budgets", c.budgets, methods=["GET"]))
     app = Starlette(routes=routes)
     return _Guard(app, auth, sessions)
