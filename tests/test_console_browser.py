@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +38,8 @@ from agent_ledger import ApprovalPending, ApprovalStatus, ConsoleAuth, Ledger, T
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "docs" / "console"
+"""Where the screenshots go: docs/console/ when ``AGENT_LEDGER_SCREENSHOTS=1`` (to refresh the docs'
+pictures), else a temporary directory, so an ordinary run leaves the checkout unchanged."""
 USERS = {"alice": "alice-token-5f2b8c1e9d", "bob": "bob-token-77d1e0c3a4b2"}
 REFUND = ToolCall(
     workflow_id="support-ticket-1042",
@@ -145,7 +148,10 @@ def no_dialog_fired(driver: Any) -> None:
 
 
 def screenshot(driver: Any, path: Path) -> None:
-    """A full-page PNG (the window grown to the page's height)."""
+    """A full-page PNG (the window grown to the page's height), written under docs/console/ only when
+    ``AGENT_LEDGER_SCREENSHOTS=1``."""
+    if os.environ.get("AGENT_LEDGER_SCREENSHOTS") != "1":
+        path = Path(tempfile.gettempdir()) / "agent-ledger-screenshots" / path.name
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1280, max(700, min(int(height) + 40, 2400)))
     path.parent.mkdir(parents=True, exist_ok=True)
