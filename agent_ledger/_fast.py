@@ -583,7 +583,7 @@ class Hot:
             # replay is one index read; an absent key is then claimed on the same connection. A
             # racing claim that wins in between leaves us None, and the flow looks again).
             assert isinstance(op, (Lookup, ClaimOrLoad))
-            found = yield self.load.sql, self.params(self.load, {"p_key": op.key}), True
+            found = yield self.load.sql, self.params(self.load, op.lookup_binds()), True
             answer = self.looked_up(work, found)
             if answer is not HOP:
                 return answer
@@ -608,7 +608,7 @@ class Hot:
             if won is not None:
                 self.saw(new=True)
                 return {"claimed": True}  # the flow needs nothing else of a row it just created
-            found = yield self.load.sql, self.params(self.load, {"p_key": op.key}), True
+            found = yield self.load.sql, self.params(self.load, op.lookup_binds()), True
             self.saw(new=False)
             return {"claimed": False, **self.row(found)} if found is not None else None
         if isinstance(op, ClaimNew):
@@ -647,7 +647,7 @@ class Hot:
         op = work.fast
         if self.reads_first(work):  # a lock-free read first
             assert isinstance(op, (Lookup, ClaimOrLoad))
-            found = conn.execute(self.load.sql, self.params(self.load, {"p_key": op.key})).fetchone()
+            found = conn.execute(self.load.sql, self.params(self.load, op.lookup_binds())).fetchone()
             answer = self.looked_up(work, found)
             if answer is not HOP:
                 return answer
@@ -662,7 +662,7 @@ class Hot:
                 found = (
                     None
                     if won is not None
-                    else conn.execute(self.load.sql, self.params(self.load, {"p_key": op.key})).fetchone()
+                    else conn.execute(self.load.sql, self.params(self.load, op.lookup_binds())).fetchone()
                 )
                 conn.execute("COMMIT")
             except BaseException:
@@ -712,7 +712,7 @@ class Hot:
         try:
             assert isinstance(work.fast, (Lookup, ClaimOrLoad))  # reads_first
             conn = pool.acquire()
-            found = conn.execute(self.load.sql, self.params(self.load, {"p_key": work.fast.key})).fetchone()
+            found = conn.execute(self.load.sql, self.params(self.load, work.fast.binds())).fetchone()
             healthy = True
         except sqlite3.OperationalError as e:
             if not _is_busy(e):

@@ -228,6 +228,7 @@ class Beat:
     """Start extending the lease of our claim every ``lease / 3`` seconds; a handle is sent back."""
 
     key: str
+    workflow_id: str
     owner: str
     attempt: int
     lease: float
@@ -253,6 +254,7 @@ class Supersede:
     (audited, channels told)."""
 
     key: str
+    workflow_id: str
     payload_hash: str
 
 
@@ -442,13 +444,13 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
         if found is EXCEEDED:
             past_limit = yield from _over_limit(plan, now, refusals)
             refusals += 1
-            found = yield Db(store.load(plan.key))
+            found = yield Db(store.load(plan.key, plan.workflow_id))
         elif found is not None and found.pop("claimed"):
             if plan.supersedes:
-                yield Supersede(plan.key, plan.payload_hash)
+                yield Supersede(plan.key, plan.workflow_id, plan.payload_hash)
             return (yield from _run_claimed(plan, 1, False))
     else:
-        found = yield Db(store.load(plan.key))
+        found = yield Db(store.load(plan.key, plan.workflow_id))
     while True:
         row = row_from_mapping(found) if found is not None else None
         gone = False
@@ -516,14 +518,14 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
             # Poll fast while the winner is likely about to finish, then back off: waiters see a result
             # within a few ms of its commit in the first seconds, without hammering the database later.
             delay = min(delay * 2, 0.005 if waited < 1.0 else 0.01 if waited < 2.0 else 0.1)
-            found = yield Db(store.load(plan.key))
+            found = yield Db(store.load(plan.key, plan.workflow_id))
             continue
 
         if isinstance(decision, MarkUnknown):
             assert row is not None
             reason = "its process is gone" if gone else "its lease expired"
             yield Db(store.mark_unknown(row=row, now=now, by=plan.owner, detail={"reason": reason}))
-            found = yield Db(store.load(plan.key))
+            found = yield Db(store.load(plan.key, plan.workflow_id))
             continue
 
         assert isinstance(decision, Claim)
@@ -552,10 +554,10 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
             if won is EXCEEDED:
                 past_limit = yield from _over_limit(plan, now, refusals)
                 refusals += 1
-                found = yield Db(store.load(plan.key))
+                found = yield Db(store.load(plan.key, plan.workflow_id))
                 continue
             if won is None:
-                found = yield Db(store.load(plan.key))
+                found = yield Db(store.load(plan.key, plan.workflow_id))
                 continue
             attempt = int(won["attempt"])
         else:
@@ -581,14 +583,14 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
             if n is EXCEEDED:
                 past_limit = yield from _over_limit(plan, now, refusals)
                 refusals += 1
-                found = yield Db(store.load(plan.key))
+                found = yield Db(store.load(plan.key, plan.workflow_id))
                 continue
             if not n:
-                found = yield Db(store.load(plan.key))
+                found = yield Db(store.load(plan.key, plan.workflow_id))
                 continue
             attempt = row.attempt + 1
         if plan.supersedes:
-            yield Supersede(plan.key, plan.payload_hash)
+            yield Supersede(plan.key, plan.workflow_id, plan.payload_hash)
         return (yield from _run_claimed(plan, attempt, decision.event == "reconcile", approval_id))
 
 
@@ -670,7 +672,7 @@ def _approval_gate(plan: Plan, policy: ApprovalPolicy | None = None) -> Generato
     mono = began
     delay = 0.01
     while True:
-        found = yield Db(store.latest_approval(plan.key, plan.payload_hash))
+        found = yield Db(store.latest_approval(plan.key, plan.workflow_id, plan.payload_hash))
         step = decide_approval(found, now, policy.approvers)
         if step == "use":
             return str(found["id"]), now
@@ -699,7 +701,7 @@ def _approval_gate(plan: Plan, policy: ApprovalPolicy | None = None) -> Generato
                 )
             )
             if created is not None:
-                fresh = yield Db(store.approval(new_id))
+                fresh = yield Db(store.approval(new_id, plan.workflow_id))
                 yield Notify(fresh)
             now, mono = yield Now()
             continue
@@ -769,7 +771,7 @@ def _run_claimed(
 ) -> Generator[Op, Any, Any]:
     effect = _effect(plan, attempt)
     finish = _finish(plan, attempt)
-    handle = yield Beat(plan.key, plan.owner, attempt, plan.lease)
+    handle = yield Beat(plan.key, plan.workflow_id, plan.owner, attempt, plan.lease)
     try:
         detail: dict[str, Any] = {}
         if reconcile_first:
@@ -1092,7 +1094,7 @@ def _recover_claimed(sweep: Sweep, row: Row) -> Generator[Op, Any, tuple[str, st
     )
     attempt = row.attempt + 1
     finish = _finish(plan, attempt)
-    handle = yield Beat(plan.key, plan.owner, attempt, plan.lease)
+    handle = yield Beat(plan.key, plan.workflow_id, plan.owner, attempt, plan.lease)
     try:
         try:
             found = yield from _reconcile(plan, _effect(plan, attempt), finish, "recover")

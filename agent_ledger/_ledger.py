@@ -556,9 +556,17 @@ class Ledger:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def migrate(self) -> None:
-        """Create or upgrade the ledger's tables with the shipped alembic migrations."""
-        self._rt.migrate()
+    def migrate(self, *, partitions: int | None = None) -> None:
+        """Create or upgrade the ledger's tables with the shipped alembic migrations.
+
+        ``partitions=N`` (Postgres; ignored on SQLite): the migration that makes the keys shard-ready
+        (revision 0007) creates the tables hash-partitioned by ``workflow_id`` into N partitions (see
+        docs/scaling.md); default: the ``AGENT_LEDGER_PARTITIONS`` environment variable, else plain
+        tables. A database already past that revision keeps its layout.
+        """
+        from ._migrate import check_partitions
+
+        self._rt.migrate(partitions=check_partitions(partitions))
 
     def flush(self) -> None:
         """Write buffered replay records now (they are otherwise written within half a second)."""

@@ -529,13 +529,14 @@ class Runtime:
             self.ensure_schema()  # migrations run on the sync engine, under the process-wide lock
         self._schema_ok = True
 
-    def migrate(self, revision: str = "head") -> None:
-        """Upgrade the database to ``revision`` with the shipped alembic migrations."""
+    def migrate(self, revision: str = "head", partitions: int | None = None) -> None:
+        """Upgrade the database to ``revision`` with the shipped alembic migrations (``partitions``:
+        Postgres tables hash-partitioned by workflow_id, see ``_migrate``)."""
         from ._migrate import upgrade
 
         try:
             with _mapped("migration"):
-                upgrade(self.engine, self.tables, revision)
+                upgrade(self.engine, self.tables, revision, partitions)
         except StorageError:
             # Another process may have migrated the same database at the same moment: if the tables are
             # complete now, that is success; otherwise the original error stands.
@@ -722,7 +723,7 @@ class Runtime:
             return self._unit(op)
         if isinstance(op, Supersede):
             if self.approvals is not None:
-                self.approvals.supersede_others(op.key, op.payload_hash)
+                self.approvals.supersede_others(op.key, op.workflow_id, op.payload_hash)
             return None
         raise AssertionError(f"unknown operation {op!r}")  # pragma: no cover
 
@@ -791,7 +792,7 @@ class Runtime:
             return await self._aunit(op)
         if isinstance(op, Supersede):
             if self.approvals is not None:  # blocking: the service's writes and channel hooks are sync
-                await asyncio.to_thread(self.approvals.supersede_others, op.key, op.payload_hash)
+                await asyncio.to_thread(self.approvals.supersede_others, op.key, op.workflow_id, op.payload_hash)
             return None
         return self._perform(op)
 
@@ -967,7 +968,11 @@ class _Heartbeats:
 def _heartbeat(store: Store, op: Beat) -> Work:
     """One heartbeat of ``op``'s claim: its lease runs ``op.lease`` seconds from now (fenced on the claim)."""
     return store.heartbeat(
-        key=op.key, owner=op.owner, attempt=op.attempt, lease_expires_at=utcnow() + timedelta(seconds=op.lease)
+        key=op.key,
+        workflow_id=op.workflow_id,
+        owner=op.owner,
+        attempt=op.attempt,
+        lease_expires_at=utcnow() + timedelta(seconds=op.lease),
     )
 
 

@@ -35,7 +35,7 @@ from .errors import InvalidArguments
 __all__ = ["DEFAULT_PREFIX", "SCHEMA_REVISION", "Tables", "UTCDateTime", "build_tables", "json_type"]
 
 DEFAULT_PREFIX = "agent_ledger_"
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 """The alembic revision these tables correspond to (a test checks it is the head)."""
 
 
@@ -85,8 +85,12 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
     effects = Table(
         f"{prefix}effects",
         md,
+        # Shard-ready: every primary and unique key holds workflow_id (the distribution column of a
+        # sharded Postgres, the partition key of the partitioned schema; see docs/scaling.md). The key
+        # determines its workflow, so (key, workflow_id) is as unique as the key; key first, so that a
+        # key-only lookup still probes the index.
         Column("key", String(80), primary_key=True),
-        Column("workflow_id", String(255), nullable=False),
+        Column("workflow_id", String(255), primary_key=True),
         Column("tool", String(255), nullable=False),
         Column("status", String(16), nullable=False),
         Column("attempt", Integer, nullable=False),
@@ -109,9 +113,11 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
     events = Table(
         f"{prefix}events",
         md,
+        # Postgres: primary key (id, workflow_id). SQLite keeps ``id`` alone (its rowid: SQLite numbers
+        # only a single-column INTEGER PRIMARY KEY, and a SQLite file is never sharded).
         Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
         Column("key", String(80), nullable=False),
-        Column("workflow_id", String(255), nullable=False),
+        Column("workflow_id", String(255), primary_key=True),
         Column("tool", String(255), nullable=False),
         Column("kind", String(32), nullable=False),
         Column("attempt", Integer, nullable=True),
@@ -126,7 +132,7 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         md,
         Column("id", String(40), primary_key=True),
         Column("key", String(80), nullable=False),
-        Column("workflow_id", String(255), nullable=False),
+        Column("workflow_id", String(255), primary_key=True),
         Column("tool", String(255), nullable=False),
         Column("payload_hash", String(80), nullable=False),
         Column("args", json_type(), nullable=False),
@@ -150,6 +156,7 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
             f"ux_{prefix}approvals_pending",
             "key",
             "payload_hash",
+            "workflow_id",
             unique=True,
             sqlite_where=text("status = 'pending'"),
             postgresql_where=text("status = 'pending'"),
@@ -159,6 +166,8 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         f"{prefix}inbound",
         md,
         # Message ids of signed inbound decisions already processed: a replayed id is refused.
+        # Not a workflow's: keyed (and distributed, on a sharded Postgres) by its own id; see
+        # docs/scaling.md.
         Column("message_id", String(255), primary_key=True),
         Column("source", String(32), nullable=False),
         Column("received_at", UTCDateTime(), nullable=False),
@@ -167,13 +176,16 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         f"{prefix}approval_votes",
         md,
         # One row per vote; the unique key makes "the same person twice" impossible, whatever the race.
+        # Postgres: primary key (id, workflow_id), SQLite: id (as for events). workflow_id is the
+        # request's (the approval id determines it).
         Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("workflow_id", String(255), primary_key=True),
         Column("approval_id", String(40), nullable=False),
         Column("approver", String(255), nullable=False),
         Column("decision", String(16), nullable=False),
         Column("reason", Text, nullable=True),
         Column("at", UTCDateTime(), nullable=False),
-        UniqueConstraint("approval_id", "approver", name=f"uq_{prefix}approval_votes_approver"),
+        UniqueConstraint("approval_id", "approver", "workflow_id", name=f"uq_{prefix}approval_votes_approver"),
     )
     usage = Table(
         f"{prefix}usage",

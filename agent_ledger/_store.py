@@ -114,13 +114,18 @@ def charge_binds(charge: Charge, now: datetime, i: int | None = None) -> dict[st
 
 @dataclass(slots=True)
 class Lookup:
-    """Read the row of ``key``. Answer: a mapping of ``LOOKUP_COLUMNS``, or None when absent."""
+    """Read the row of ``key`` (in ``workflow_id``, which the key determines: the shard to ask). Answer:
+    a mapping of ``LOOKUP_COLUMNS``, or None when absent."""
 
     key: str
+    workflow_id: str
 
     def binds(self) -> dict[str, Any]:
         """Values of ``HotStatements.lookup``, under their bound names."""
-        return {"p_key": self.key}
+        return {"p_key": self.key, "p_workflow_id": self.workflow_id}
+
+    lookup_binds = binds
+    """The same (the read of ``ClaimOrLoad`` is this lookup)."""
 
 
 @dataclass(slots=True)
@@ -167,6 +172,10 @@ class ClaimNew:
             }
         return out
 
+    def lookup_binds(self) -> dict[str, Any]:
+        """Values of ``HotStatements.lookup`` for this key (``ClaimOrLoad``'s read, a lost claim's)."""
+        return {"p_key": self.key, "p_workflow_id": self.workflow_id}
+
 
 @dataclass(slots=True)
 class ClaimOrLoad(ClaimNew):
@@ -211,6 +220,7 @@ class Finish:
         if out is None:
             out = self._binds = {
                 "p_key": self.key,
+                "p_workflow_id": self.workflow_id,
                 "p_owner": self.owner,
                 "p_attempt": self.attempt,
                 "p_status": self.status,
@@ -239,7 +249,7 @@ class Finish:
 
     def audited_binds(self) -> dict[str, Any]:
         """Values of ``HotStatements.complete_audited`` (the update's, plus what the audit row adds)."""
-        return {**self.binds(), "p_workflow_id": self.workflow_id, "p_tool": self.tool, "p_detail": self.detail}
+        return {**self.binds(), "p_tool": self.tool, "p_detail": self.detail}
 
 
 @dataclass(slots=True)
@@ -264,7 +274,7 @@ class HotStatements:
     """The statements of the hot operations: the public interface a prebuilt implementation compiles."""
 
     lookup: Select[Any]
-    """``Lookup``: ``LOOKUP_COLUMNS`` of one key."""
+    """``Lookup``: ``LOOKUP_COLUMNS`` of one key (and its workflow)."""
     claim: Insert
     """``ClaimNew``: insert-if-absent, returning the attempt only to the winner."""
     complete: Update
@@ -357,8 +367,12 @@ class Store:
             # Prefixed: bind names equal to column names are reserved in INSERT/UPDATE statements.
             return bindparam(f"p_{name}", **kw)
 
+        # Shard-ready: every statement on a workflow's rows names its workflow_id (the distribution
+        # column) whenever the caller knows it; only key-only reads (``load_record``, ``events_for_keys``)
+        # and maintenance (``stale``, ``prunable``, ``delete_keys``) ask every shard. See docs/scaling.md.
+        this = and_(e.c.key == b("key"), e.c.workflow_id == b("workflow_id"))
         self._load = select(e).where(e.c.key == b("key"))
-        self._lookup = select(*(e.c[name] for name in LOOKUP_COLUMNS)).where(e.c.key == b("key"))
+        self._lookup = select(*(e.c[name] for name in LOOKUP_COLUMNS)).where(this)
 
         ins = postgresql.insert(e) if dialect == "postgresql" else sqlite.insert(e)
         base_claim = ins.values(
@@ -373,7 +387,7 @@ class Store:
             lease_expires_at=b("lease_expires_at", type_=e.c.lease_expires_at.type),
             created_at=b("now", type_=e.c.created_at.type),
             started_at=b("now", type_=e.c.started_at.type),
-        ).on_conflict_do_nothing(index_elements=[e.c.key])
+        ).on_conflict_do_nothing(index_elements=[e.c.key, e.c.workflow_id])
         self._claim_new = base_claim.returning(e.c.attempt)
 
         # A new claim of an existing key: fenced on the status and attempt that were observed, and for
@@ -381,7 +395,7 @@ class Store:
         self._claim_again = (
             update(e)
             .where(
-                e.c.key == b("key"),
+                this,
                 e.c.status == b("expected_status"),
                 e.c.attempt == b("expected_attempt"),
             )
@@ -402,7 +416,7 @@ class Store:
         )
 
         owned = and_(
-            e.c.key == b("key"),
+            this,
             e.c.owner == b("owner"),
             e.c.attempt == b("attempt"),
             e.c.status == Status.RUNNING.value,
@@ -430,7 +444,7 @@ class Store:
         self._mark_unknown = (
             update(e)
             .where(
-                e.c.key == b("key"),
+                this,
                 e.c.status == Status.RUNNING.value,
                 e.c.attempt == b("expected_attempt"),
                 e.c.lease_expires_at == b("observed_lease", type_=e.c.lease_expires_at.type),
@@ -443,7 +457,7 @@ class Store:
         )
         self._resolve = (
             update(e)
-            .where(e.c.key == b("key"), e.c.status == b("expected_status"), e.c.attempt == b("expected_attempt"))
+            .where(this, e.c.status == b("expected_status"), e.c.attempt == b("expected_attempt"))
             .values(
                 status=b("status"),
                 result=b("result", type_=e.c.result.type),
@@ -468,11 +482,13 @@ class Store:
         ap = tables.approvals
         self._latest_approval = (
             select(ap)
-            .where(ap.c.key == b("key"), ap.c.payload_hash == b("payload_hash"))
+            .where(ap.c.key == b("key"), ap.c.workflow_id == b("workflow_id"), ap.c.payload_hash == b("payload_hash"))
             .order_by(ap.c.requested_at.desc())
             .limit(1)
         )
+        this_ap = and_(ap.c.id == b("id"), ap.c.workflow_id == b("workflow_id"))
         self._approval = select(ap).where(ap.c.id == b("id"))
+        self._approval_in = select(ap).where(this_ap)
         ap_ins = postgresql.insert(ap) if dialect == "postgresql" else sqlite.insert(ap)
         self._request_approval = (
             ap_ins.values(
@@ -497,7 +513,7 @@ class Store:
         self._expire_approval = (
             update(ap)
             .where(
-                ap.c.id == b("id"),
+                this_ap,
                 ap.c.status.in_(approval_sources("expire")),
                 ap.c.expires_at <= b("now", type_=ap.c.expires_at.type),
             )
@@ -505,24 +521,23 @@ class Store:
         )
         self._supersede_approval = (
             update(ap)
-            .where(ap.c.id == b("id"), ap.c.status.in_(approval_sources("supersede")))
+            .where(this_ap, ap.c.status.in_(approval_sources("supersede")))
             .values(status=approval_transition(ApprovalStatus.PENDING, "supersede").value)
         )
         e_ran = e.c.payload_hash.label("ran_with")
-        self._approval_for_vote = (
-            select(ap, e_ran).select_from(ap.outerjoin(e, e.c.key == ap.c.key)).where(ap.c.id == b("id"))
-        )
+        same_key = and_(e.c.key == ap.c.key, e.c.workflow_id == ap.c.workflow_id)  # a colocated join
+        self._approval_for_vote = select(ap, e_ran).select_from(ap.outerjoin(e, same_key)).where(this_ap)
         if dialect == "postgresql":  # voters queue on the request's row; SQLite's BEGIN IMMEDIATE does it
             self._approval_for_vote = self._approval_for_vote.with_for_update(of=ap)
         self._open_superseded = (
             select(ap, e_ran)
-            .select_from(ap.join(e, e.c.key == ap.c.key))
+            .select_from(ap.join(e, same_key))
             .where(ap.c.status.in_(approval_sources("supersede")), e.c.payload_hash != ap.c.payload_hash)
         )
         self._cast_vote = (
             update(ap)
             .where(
-                ap.c.id == b("id"),
+                this_ap,
                 ap.c.status == ApprovalStatus.PENDING.value,
                 ap.c.approved_count == b("observed_count"),
                 ap.c.expires_at > b("now", type_=ap.c.expires_at.type),
@@ -539,16 +554,17 @@ class Store:
         vt = tables.votes
         vt_ins = postgresql.insert(vt) if dialect == "postgresql" else sqlite.insert(vt)
         self._insert_vote = vt_ins.values(
+            workflow_id=b("workflow_id"),
             approval_id=b("id"),
             approver=b("by"),
             decision=b("decision"),
             reason=b("reason"),
             at=b("now", type_=vt.c.at.type),
-        ).on_conflict_do_nothing(index_elements=[vt.c.approval_id, vt.c.approver])
+        ).on_conflict_do_nothing(index_elements=[vt.c.approval_id, vt.c.approver, vt.c.workflow_id])
         self._consume_approval = (
             update(ap)
             .where(
-                ap.c.id == b("id"),
+                this_ap,
                 ap.c.status.in_(approval_sources("consume")),
                 ap.c.payload_hash == b("payload_hash"),
                 ap.c.expires_at > b("now", type_=ap.c.expires_at.type),
@@ -559,7 +575,7 @@ class Store:
             )
         )
         self._set_channel_state = (
-            update(ap).where(ap.c.id == b("id")).values(channel_state=b("state", type_=ap.c.channel_state.type))
+            update(ap).where(this_ap).values(channel_state=b("state", type_=ap.c.channel_state.type))
         )
         self._events_for_workflow = select(ev).where(ev.c.workflow_id == b("workflow_id")).order_by(ev.c.id)
 
@@ -650,13 +666,15 @@ class Store:
 
     # -- reads -------------------------------------------------------------------------------
 
-    def load(self, key: str) -> Work:
-        """The stored row of ``key`` (or None): the ``LOOKUP_COLUMNS`` the decision core reads."""
-        op = Lookup(key)
+    def load(self, key: str, workflow_id: str) -> Work:
+        """The stored row of ``key`` in ``workflow_id`` (or None): the ``LOOKUP_COLUMNS`` the decision
+        core reads."""
+        op = Lookup(key, workflow_id)
         return Work(((self._lookup, op.binds()),), returns="row", write=False, label="load", fast=op)
 
     def load_record(self, key: str) -> Work:
-        """The stored row of ``key`` with every column converted (for audit and admin reads)."""
+        """The stored row of ``key`` with every column converted (for audit and admin reads). By key
+        alone: on a sharded database, a query of every shard."""
         return Work(((self._load, _p({"key": key})),), returns="row", write=False, label="load")
 
     def events_for_workflow(self, workflow_id: str) -> Work:
@@ -688,14 +706,19 @@ class Store:
 
     # -- approvals -------------------------------------------------------------------------
 
-    def latest_approval(self, key: str, payload_hash: str) -> Work:
-        """The newest approval request for exactly this key and payload (or None)."""
-        params = _p({"key": key, "payload_hash": payload_hash})
+    def latest_approval(self, key: str, workflow_id: str, payload_hash: str) -> Work:
+        """The newest approval request for exactly this key (of ``workflow_id``) and payload (or None)."""
+        params = _p({"key": key, "workflow_id": workflow_id, "payload_hash": payload_hash})
         return Work(((self._latest_approval, params),), "row", False, "approval")
 
-    def approval(self, approval_id: str) -> Work:
-        """One approval by id (or None)."""
-        return Work(((self._approval, _p({"id": approval_id})),), "row", False, "approval")
+    def approval(self, approval_id: str, workflow_id: str | None = None) -> Work:
+        """One approval by id (or None), in ``workflow_id`` when the caller knows it (else, on a sharded
+        database, a query of every shard)."""
+        if workflow_id is None:
+            return Work(((self._approval, _p({"id": approval_id})),), "row", False, "approval")
+        return Work(
+            ((self._approval_in, _p({"id": approval_id, "workflow_id": workflow_id})),), "row", False, "approval"
+        )
 
     def approvals(
         self,
@@ -714,7 +737,9 @@ class Store:
             stmt = stmt.where(ap.c.expires_at > now)
         if runnable:
             e = self.tables.effects
-            other = select(e.c.key).where(e.c.key == ap.c.key, e.c.payload_hash != ap.c.payload_hash)
+            other = select(e.c.key).where(
+                e.c.key == ap.c.key, e.c.workflow_id == ap.c.workflow_id, e.c.payload_hash != ap.c.payload_hash
+            )
             stmt = stmt.where(~other.exists())
         return Work(((stmt, {}),), "rows", False, "approvals")
 
@@ -781,13 +806,17 @@ class Store:
             {"approval_id": row["id"], "was": row["status"], "expires_at": row["expires_at"].isoformat()},
         )
         return Work(
-            ((self._expire_approval, _p({"id": row["id"], "now": now})), (self._event, _p(audit))),
+            (
+                (self._expire_approval, _p({"id": row["id"], "workflow_id": row["workflow_id"], "now": now})),
+                (self._event, _p(audit)),
+            ),
             label="approval",
         )
 
     def vote(
         self,
         approval_id: str,
+        workflow_id: str,
         *,
         judge: Callable[[Mapping[str, Any]], Vote | VoteRefused],
         by: str,
@@ -815,6 +844,7 @@ class Store:
                 approved_by.append(by)
             params = {
                 "id": row["id"],
+                "workflow_id": row["workflow_id"],
                 "observed_count": row["approved_count"],
                 "now": now,
                 "status": approval_transition(ApprovalStatus(row["status"]), verdict.event).value,
@@ -835,7 +865,14 @@ class Store:
                 "approved_by": approved_by,
             }
             audit = self._event_params(row["key"], row["workflow_id"], row["tool"], kind, None, by, now, detail)
-            vote = {"id": row["id"], "by": by, "decision": decision, "reason": reason, "now": now}
+            vote = {
+                "id": row["id"],
+                "workflow_id": row["workflow_id"],
+                "by": by,
+                "decision": decision,
+                "reason": reason,
+                "now": now,
+            }
             steps: list[tuple[Executable, Mapping[str, Any]]] = [
                 (self._cast_vote, _p(params)),
                 (self._insert_vote, _p(vote)),
@@ -844,18 +881,22 @@ class Store:
             return steps, (row, verdict)
 
         return Work(
-            ((self._approval_for_vote, _p({"id": approval_id})),),
+            ((self._approval_for_vote, _p({"id": approval_id, "workflow_id": workflow_id})),),
             "row",
             label="approval",
             all_or_nothing=True,
             then=then,
         )
 
-    def open_for_other_payloads(self, key: str, payload_hash: str) -> Work:
-        """Open requests (pending or approved) for ``key`` with another payload than ``payload_hash``."""
+    def open_for_other_payloads(self, key: str, workflow_id: str, payload_hash: str) -> Work:
+        """Open requests (pending or approved) for ``key`` (of ``workflow_id``) with another payload than
+        ``payload_hash``."""
         ap = self.tables.approvals
         stmt = select(ap).where(
-            ap.c.key == key, ap.c.payload_hash != payload_hash, ap.c.status.in_(approval_sources("supersede"))
+            ap.c.key == key,
+            ap.c.workflow_id == workflow_id,
+            ap.c.payload_hash != payload_hash,
+            ap.c.status.in_(approval_sources("supersede")),
         )
         return Work(((stmt, {}),), "rows", False, "approval")
 
@@ -876,13 +917,17 @@ class Store:
             {"approval_id": row["id"], "was": row["status"], "payload_hash": row["payload_hash"], "ran_with": ran_with},
         )
         return Work(
-            ((self._supersede_approval, _p({"id": row["id"]})), (self._event, _p(audit))),
+            (
+                (self._supersede_approval, _p({"id": row["id"], "workflow_id": row["workflow_id"]})),
+                (self._event, _p(audit)),
+            ),
             label="approval",
         )
 
-    def set_channel_state(self, approval_id: str, state: Mapping[str, Any]) -> Work:
+    def set_channel_state(self, approval_id: str, workflow_id: str, state: Mapping[str, Any]) -> Work:
         """Remember where channels posted a request (e.g. a Slack message), to update it later."""
-        return Work(((self._set_channel_state, _p({"id": approval_id, "state": dict(state)})),), label="approval")
+        params = _p({"id": approval_id, "workflow_id": workflow_id, "state": dict(state)})
+        return Work(((self._set_channel_state, params),), label="approval")
 
     def consuming(
         self,
@@ -895,7 +940,9 @@ class Store:
         plan_event: Mapping[str, Any],
     ) -> Work:
         """``work`` (a claim) that also uses up the approval, atomically: both happen or neither does."""
-        consume = _p({"id": approval_id, "payload_hash": payload_hash, "now": now})
+        consume = _p(
+            {"id": approval_id, "workflow_id": plan_event["workflow_id"], "payload_hash": payload_hash, "now": now}
+        )
         audit = self._event_params(
             plan_event["key"],
             plan_event["workflow_id"],
@@ -1001,14 +1048,18 @@ class Store:
         settled = [Status.SUCCEEDED.value, Status.FAILED.value]
         # Events and approvals go only with an effect row that was really deleted here: a key that was
         # retried (and is running again) since it was selected keeps its row and its audit trail.
-        gone = ~t.events.c.key.in_(select(t.effects.c.key).where(t.effects.c.key.in_(keys)))
-        gone_approvals = ~t.approvals.c.key.in_(select(t.effects.c.key).where(t.effects.c.key.in_(keys)))
+        e = t.effects
+        gone = ~select(e.c.key).where(e.c.key == t.events.c.key, e.c.workflow_id == t.events.c.workflow_id).exists()
+        gone_approvals = ~(
+            select(e.c.key).where(e.c.key == t.approvals.c.key, e.c.workflow_id == t.approvals.c.workflow_id).exists()
+        )
         doomed = and_(t.approvals.c.key.in_(keys), gone_approvals)
+        doomed_ids = select(t.approvals.c.id).where(doomed, t.approvals.c.workflow_id == t.votes.c.workflow_id)
         return Work(
             (
                 (delete(t.effects).where(t.effects.c.key.in_(keys), t.effects.c.status.in_(settled)), {}),
                 (delete(t.events).where(t.events.c.key.in_(keys), gone), {}),
-                (delete(t.votes).where(t.votes.c.approval_id.in_(select(t.approvals.c.id).where(doomed))), {}),
+                (delete(t.votes).where(t.votes.c.approval_id.in_(doomed_ids)), {}),
                 (delete(t.approvals).where(doomed), {}),
             ),
             label="prune",
@@ -1065,7 +1116,7 @@ class Store:
         when a concurrent claim won in between (look again).
         """
         op = ClaimOrLoad(**claim)
-        steps = ((self._claim_new, op.binds()), (self._lookup, {"p_key": op.key}))
+        steps = ((self._claim_new, op.binds()), (self._lookup, op.lookup_binds()))
         if not op.charges:
             return Work(steps, "claim_or_row", True, "claim", fast=op)
         return Work(steps, "claim_or_row", True, "claim", fast=op, charges=self.charge_steps(op.charges, op.now))
@@ -1086,6 +1137,7 @@ class Store:
         transition(row.status, event)
         params: dict[str, Any] = {
             "key": row.key,
+            "workflow_id": row.workflow_id,
             "expected_status": row.status.value,
             "expected_attempt": row.attempt,
             "owner": owner,
@@ -1110,9 +1162,15 @@ class Store:
             ((stmt, _p(params)), (self._event, _p(audit))), label=event, charges=self.charge_steps(charges, now)
         )
 
-    def heartbeat(self, *, key: str, owner: str, attempt: int, lease_expires_at: datetime) -> Work:
+    def heartbeat(self, *, key: str, workflow_id: str, owner: str, attempt: int, lease_expires_at: datetime) -> Work:
         """Extend the lease of a live claim; rowcount 0 means the claim was lost."""
-        params = {"key": key, "owner": owner, "attempt": attempt, "lease_expires_at": lease_expires_at}
+        params = {
+            "key": key,
+            "workflow_id": workflow_id,
+            "owner": owner,
+            "attempt": attempt,
+            "lease_expires_at": lease_expires_at,
+        }
         return Work(((self._heartbeat, _p(params)),), label="heartbeat")
 
     def finish(
@@ -1181,6 +1239,7 @@ class Store:
         """Record that the observed attempt's outcome is unknown (its owner died or its lease ran out)."""
         params = {
             "key": row.key,
+            "workflow_id": row.workflow_id,
             "expected_attempt": row.attempt,
             "observed_lease": row.lease_expires_at,
             "now": now,
@@ -1214,6 +1273,7 @@ class Store:
         status = transition(row.status, event)
         params = {
             "key": row.key,
+            "workflow_id": row.workflow_id,
             "expected_status": row.status.value,
             "expected_attempt": row.attempt,
             "status": status.value,

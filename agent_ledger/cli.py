@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workflow", help=argparse.SUPPRESS)
 
     mig = sub.add_parser("migrate", help="create or upgrade the ledger's tables (alembic upgrade head)")
+    mig.add_argument(
+        "--partitions",
+        type=int,
+        metavar="N",
+        help="Postgres: create the tables hash-partitioned by workflow_id into N partitions (docs/scaling.md)",
+    )
     _url_option(mig)
 
     hist = sub.add_parser("history", help="the effects of a workflow with their audit events")
@@ -591,7 +597,7 @@ def _main(argv: Sequence[str] | None) -> int:
             return _demo.main(ns.db)
         if ns.command == "migrate":
             with _ledger(ns, create=True) as ledger:
-                ledger.migrate()
+                ledger.migrate(partitions=ns.partitions)
             print(f"migrated {ledger!r} to the latest schema")
             return 0
         if ns.command == "history":

@@ -18,10 +18,15 @@ Fixtures:
 * ``pg_bouncer`` (session) a PgBouncer in transaction pooling mode (tests/_pgbouncer.py) in front of the
   session's Postgres, started on first use.
 * ``pgbouncer_url`` (function) the ``pg_url`` database through ``pg_bouncer``, with ``?pgbouncer=transaction``.
+
+Every test that uses Postgres is marked ``postgres``. ``--pg-partitions N`` makes every migration of the
+run create the Postgres tables hash-partitioned by workflow_id (docs/scaling.md); scripts/test.sh runs
+``-m postgres --pg-partitions 8`` after the whole suite.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,8 +60,46 @@ def _is_xdist_controller(config: pytest.Config) -> bool:
     return bool(numprocesses) or getattr(config.option, "dist", "no") != "no"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--pg-partitions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="create every Postgres schema of the run hash-partitioned by workflow_id into N partitions "
+        "(sets AGENT_LEDGER_PARTITIONS, which migrations read, also in spawned processes); "
+        "combine with -m postgres to run only the tests that use Postgres",
+    )
+
+
+_PG_FIXTURES = frozenset(
+    {"pg_url", "postgresql", "postgresql_async", "pg_server", "pg_server_factory", "pg_bouncer", "pgbouncer_url"}
+)
+
+
+def _uses_postgres(item: pytest.Item) -> bool:
+    if _PG_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("db_url") in ("postgres", "pgbouncer")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``postgres`` every test that uses a Postgres database (``-m postgres`` selects them)."""
+    for item in items:
+        if _uses_postgres(item):
+            item.add_marker(pytest.mark.postgres)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_PG_SERVER_KEY] = None
+    partitions = config.getoption("pg_partitions", default=None)
+    if partitions is not None:
+        if not 1 <= partitions <= 1024:
+            raise pytest.UsageError("--pg-partitions takes a number from 1 to 1024")
+        # Every migration of the run (fixtures, Ledger(auto_migrate=True), the CLI in a subprocess)
+        # creates the partitioned schema; SQLite ignores it.
+        os.environ["AGENT_LEDGER_PARTITIONS"] = str(partitions)
     if config.getoption("postgresql_port", default=None):
         return  # external server: pytest-postgresql's own options already describe it
     if config.option.help or config.option.version or _is_xdist_controller(config):

@@ -174,7 +174,7 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
     """The sequences the hot path must get right, each answer checked against what it must be, and
     every implementation checked against the reference after every step."""
     c, t = contract, T0
-    assert c.run(lambda s: s.load("k1")) is None
+    assert c.run(lambda s: s.load("k1", "wf")) is None
 
     # A new key: claim (claim_or_load), succeed; then replays read it (lookup, claim_or_load).
     assert c.run(lambda s: s.claim_or_load(**claim("k1", "A", t))) == {"claimed": True}
@@ -188,8 +188,10 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
         result_replayable=True,
     )
     assert c.run(lambda s: ok(s)) == 1
-    stored = c.run(lambda s: s.load("k1"))
+    stored = c.run(lambda s: s.load("k1", "wf"))
     assert set(stored) == set(LOOKUP_COLUMNS)
+    # Every hot statement names the workflow too (the shard): another workflow finds and fences nothing.
+    assert c.run(lambda s: s.load("k1", "other")) is None
     assert stored["status"] == "succeeded" and stored["result"] == {"id": "ch_1", "n": [1, 2.5]}
     again = c.run(lambda s: s.claim_or_load(**claim("k1", "B", t + dt.timedelta(seconds=2))))
     assert again["claimed"] is False and again["status"] == "succeeded" and again["owner"] == "A"
@@ -203,18 +205,31 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
     # Heartbeat: our claim extends its lease; a wrong attempt or owner extends nothing.
     beat = t + dt.timedelta(seconds=2)
     assert (
-        c.run(lambda s: s.heartbeat(key="k2", owner="A", attempt=1, lease_expires_at=beat + dt.timedelta(seconds=5)))
+        c.run(
+            lambda s: s.heartbeat(
+                workflow_id="wf", key="k2", owner="A", attempt=1, lease_expires_at=beat + dt.timedelta(seconds=5)
+            )
+        )
         == 1
     )
-    assert c.run(lambda s: s.heartbeat(key="k2", owner="A", attempt=2, lease_expires_at=beat)) == 0
-    assert c.run(lambda s: s.heartbeat(key="k2", owner="B", attempt=1, lease_expires_at=beat)) == 0
+    assert c.run(lambda s: s.heartbeat(workflow_id="wf", key="k2", owner="A", attempt=2, lease_expires_at=beat)) == 0
+    assert c.run(lambda s: s.heartbeat(workflow_id="other", key="k2", owner="A", attempt=1, lease_expires_at=beat)) == 0
+    assert (
+        c.run(
+            lambda s: s.finish(
+                event="fail", key="k2", workflow_id="other", tool="charge", owner="A", attempt=1, now=beat
+            )
+        )
+        == 0
+    )
+    assert c.run(lambda s: s.heartbeat(workflow_id="wf", key="k2", owner="B", attempt=1, lease_expires_at=beat)) == 0
 
     # Lease takeover after expiry: B claims attempt 2; A's heartbeat and completion are fenced off
     # (0 rows), and A's outcome goes to a late_completion row as the flow writes it.
     later = t + dt.timedelta(seconds=20)
-    row = row_from_mapping(c.run(lambda s: s.load("k2")))
+    row = row_from_mapping(c.run(lambda s: s.load("k2", "wf")))
     assert c.run(lambda s: s.claim_again(event="takeover", row=row, owner="B", lease_expires_at=later, now=later)) == 1
-    assert c.run(lambda s: s.heartbeat(key="k2", owner="A", attempt=1, lease_expires_at=later)) == 0
+    assert c.run(lambda s: s.heartbeat(workflow_id="wf", key="k2", owner="A", attempt=1, lease_expires_at=later)) == 0
     late = finish("k2", "A", 1, later, "succeed", result={"late": True}, result_replayable=True)
     assert c.run(late) == 0
     c.run(
@@ -238,7 +253,7 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
 
     # Fail (with its audit row, in the one Postgres statement), then a retry claims attempt 3.
     assert c.run(finish("k2", "B", 2, later, "fail", **failed)) == 1
-    row = row_from_mapping(c.run(lambda s: s.load("k2")))
+    row = row_from_mapping(c.run(lambda s: s.load("k2", "wf")))
     assert row.status is Status.FAILED and row.error == {"type": "ValueError", "message": "no"}
     retry_at = later + dt.timedelta(seconds=1)
     assert (
@@ -257,7 +272,7 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
         detail={"not_replayable": "why"},
     )
     assert c.run(done) == 1
-    stored = c.run(lambda s: s.load("k2"))
+    stored = c.run(lambda s: s.load("k2", "wf"))
     assert stored["result_replayable"] is False and stored["result_repr"] == "<object>" and stored["attempt"] == 3
 
     # mark_unknown both ways: an interrupted attempt records it (audited Finish), a sweeper marks a
@@ -278,12 +293,12 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
         == 1
     )
     assert c.run(lambda s: s.claim_new(**claim("k4", "A", t, lease=1))) == {"attempt": 1}
-    row = row_from_mapping(c.run(lambda s: s.load("k4")))
+    row = row_from_mapping(c.run(lambda s: s.load("k4", "wf")))
     assert (
         c.run(lambda s: s.mark_unknown(row=row, now=later, by="sweeper", detail={"reason": "its lease expired"})) == 1
     )
     assert c.run(lambda s: s.mark_unknown(row=row, now=later, by="sweeper", detail={})) == 0
-    row = row_from_mapping(c.run(lambda s: s.load("k4")))
+    row = row_from_mapping(c.run(lambda s: s.load("k4", "wf")))
     assert row.status is Status.UNKNOWN
     assert c.run(lambda s: s.claim_again(event="reconcile", row=row, owner="B", lease_expires_at=later, now=later)) == 1
 
@@ -327,7 +342,7 @@ def test_limited_claims_agree_and_answer_right(contract: Contract) -> None:
     # Over budget (calls: 2 of 2 used): nothing written, both orders of claim_or_load and claim_new.
     assert c.run(lambda s: s.claim_or_load(**claim("k3", "A", t), charges=two)) is EXCEEDED
     assert c.run(lambda s: s.claim_new(**claim("k3", "A", t), charges=two)) is EXCEEDED
-    assert c.run(lambda s: s.load("k3")) is None
+    assert c.run(lambda s: s.load("k3", "wf")) is None
     # The second charge over its own budget (spend: 8 + 4 > 10) while the first fits: still nothing.
     more = (charge(5), charge(10, 4, name="spend"))
     assert c.run(lambda s: s.claim_or_load(**claim("k3", "A", t), charges=more)) is EXCEEDED
@@ -343,13 +358,13 @@ def test_limited_claims_agree_and_answer_right(contract: Contract) -> None:
     assert c.run(lambda s: s.claim_new(**claim("k6", "A", later), charges=windowed)) == {"attempt": 1}
     # A retry pays (fenced claim_again), and a retry over budget leaves the failed row as it was.
     assert c.run(finish("k1", "A", 1, t, "fail", error={"type": "E"}, detail={})) == 1
-    row = row_from_mapping(c.run(lambda s: s.load("k1")))
+    row = row_from_mapping(c.run(lambda s: s.load("k1", "wf")))
     lease = t + dt.timedelta(seconds=30)
     assert (
         c.run(lambda s: s.claim_again(event="retry", row=row, owner="B", lease_expires_at=lease, now=t, charges=two))
         is EXCEEDED
     )
-    assert c.run(lambda s: s.load("k1"))["status"] == "failed"
+    assert c.run(lambda s: s.load("k1", "wf"))["status"] == "failed"
     # Forced (approved past the limit): recorded over the cap.
     forced = (dataclasses.replace(charge(2), forced=True),)
     assert (
@@ -398,7 +413,7 @@ def test_random_sequences_agree(contract: Contract) -> None:
 
         @rule(key=KEYS)
         def lookup(self, key: str) -> None:
-            found = c.run(lambda s: s.load(key))
+            found = c.run(lambda s: s.load(key, "wf"))
             if found is not None:
                 self.seen[key] = row_from_mapping(found)
 
@@ -448,7 +463,9 @@ def test_random_sequences_agree(contract: Contract) -> None:
         def heartbeat(self, key: str, owner: str, off: int) -> None:
             owner, attempt = self.owned(key, owner, off)
             lease = self.now + dt.timedelta(seconds=30)
-            c.run(lambda s: s.heartbeat(key=key, owner=owner, attempt=attempt, lease_expires_at=lease))
+            c.run(
+                lambda s: s.heartbeat(workflow_id="wf", key=key, owner=owner, attempt=attempt, lease_expires_at=lease)
+            )
 
         @rule(
             key=KEYS,
@@ -556,7 +573,7 @@ def test_typed_operations_are_what_the_fast_path_dispatches_on(contract: Contrac
     s = contract.impls[0].store
     t = T0
     units = {
-        Lookup: s.load("k"),
+        Lookup: s.load("k", "wf"),
         ClaimNew: s.claim_new(**claim("k", "A", t)),
         ClaimOrLoad: s.claim_or_load(**claim("k", "A", t)),
         Finish: s.finish(event="fail", key="k", workflow_id="wf", tool="t", owner="A", attempt=1, now=t),

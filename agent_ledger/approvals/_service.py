@@ -117,17 +117,25 @@ class ApprovalService:
             check_text(reason, "reason", MAX_REASON, allow_empty=True)
         decision: Literal["approve", "reject"] = "approve" if status == "approved" else "reject"
         store = self._rt.store
-        for _ in range(_VOTE_TRIES):
-            now = utcnow()
+        # The id alone names no shard: find the request's workflow first (on a sharded database, a
+        # query of every shard), so that the vote locks and writes rows of one workflow only.
+        first = self._rt.do(store.approval(approval_id))
+        now = utcnow()
+        outcome: Any = (None, None)
+        if first is not None:
+            for _ in range(_VOTE_TRIES):
+                now = utcnow()
 
-            def judge(row: Mapping[str, Any], now: datetime = now) -> Vote | VoteRefused:
-                return judge_vote(row, decision=decision, by=by, now=now, ran_with=row.get("ran_with"))
+                def judge(row: Mapping[str, Any], now: datetime = now) -> Vote | VoteRefused:
+                    return judge_vote(row, decision=decision, by=by, now=now, ran_with=row.get("ran_with"))
 
-            outcome = self._rt.do(store.vote(approval_id, judge=judge, by=by, reason=reason, now=now))
-            if outcome is not None:
-                break  # else a concurrent write changed the request between our read and write: ask again
-        else:  # pragma: no cover - the read holds the row's lock, so the write cannot lose a race
-            raise ApprovalRefused(approval_id, "the request kept changing while the vote was recorded; try again")
+                outcome = self._rt.do(
+                    store.vote(approval_id, first["workflow_id"], judge=judge, by=by, reason=reason, now=now)
+                )
+                if outcome is not None:
+                    break  # else a concurrent write changed the request between our read and write: ask again
+            else:  # pragma: no cover - the read holds the row's lock, so the write cannot lose a race
+                raise ApprovalRefused(approval_id, "the request kept changing while the vote was recorded; try again")
         found, verdict = outcome
         if found is None or isinstance(verdict, VoteRefused):
             why = "no such approval request" if found is None else verdict.why
@@ -136,7 +144,7 @@ class ApprovalService:
             detail = {"approval_id": approval_id, "decision": status, "why": why}
             self._rt.do(self._audit(found, "approval_refused", owner=by, detail=detail, at=now))
             raise ApprovalRefused(approval_id, why)
-        decided = self._rt.do(store.approval(approval_id))
+        decided = self._rt.do(store.approval(approval_id, found["workflow_id"]))
         if notify:
             self._decided(decided)
         return approval_from_row(decided)
@@ -164,17 +172,17 @@ class ApprovalService:
             except StorageError as e:
                 log.warning("could not mark approval %s superseded: %s", row["id"], e)
 
-    def supersede_others(self, key: str, payload_hash: str) -> int:
-        """``key`` was claimed with ``payload_hash``: supersede its open requests for other payloads (the
-        flow's ``Supersede`` operation). Returns how many were marked."""
+    def supersede_others(self, key: str, workflow_id: str, payload_hash: str) -> int:
+        """``key`` (of ``workflow_id``) was claimed with ``payload_hash``: supersede its open requests for
+        other payloads (the flow's ``Supersede`` operation). Returns how many were marked."""
         now = utcnow()
-        rows = self._rt.do(self._rt.store.open_for_other_payloads(key, payload_hash))
+        rows = self._rt.do(self._rt.store.open_for_other_payloads(key, workflow_id, payload_hash))
         return sum(self._supersede(row, payload_hash, now, self.actor) for row in rows)
 
     def _supersede(self, row: Mapping[str, Any], ran_with: str, now: datetime, actor: str) -> bool:
         if not self._rt.do(self._rt.store.supersede_approval(row, ran_with=ran_with, now=now, actor=actor)):
             return False  # decided, consumed or superseded meanwhile
-        current = self._rt.do(self._rt.store.approval(row["id"]))
+        current = self._rt.do(self._rt.store.approval(row["id"], row["workflow_id"]))
         if current is not None:
             self._decided(current)
         return True
@@ -269,7 +277,7 @@ class ApprovalService:
             kind = "notification_failed" if outcome.error is not None else "notified"
             works.append(self._audit(row, kind, owner=self.actor, detail=detail))
         if state != (row["channel_state"] or {}):
-            works.insert(0, self._rt.store.set_channel_state(row["id"], state))
+            works.insert(0, self._rt.store.set_channel_state(row["id"], row["workflow_id"], state))
         return works
 
 
