@@ -1242,8 +1242,12 @@ class Ledger:
             stored = self._rt.do(store.events_for_workflow(workflow_id))
             rows = self._rt.do(store.effects(workflow_id=workflow_id))
         else:
-            stored = self._rt.do(store.events_for_keys([str(key)]))
             found = self._rt.do(store.load_record(str(key)))
+            # An effect row names the key's workflow (its shard); a key without one (a call refused
+            # before it ran) is looked for everywhere.
+            stored = self._rt.do(
+                store.events_for_keys([str(key)], [found["workflow_id"]] if found is not None else None)
+            )
             rows = [found] if found is not None else []
         return _merged([AuditEvent.model_validate(dict(e)) for e in stored], rows)
 
@@ -1276,7 +1280,8 @@ class Ledger:
         by_key: dict[str, list[AuditEvent]] = {}
         keys = [r["key"] for r in rows]
         for i in range(0, len(keys), 500):
-            for e in self._rt.do(self._rt.store.events_for_keys(keys[i : i + 500])):
+            workflows = sorted({r["workflow_id"] for r in rows[i : i + 500]})  # the shards to ask
+            for e in self._rt.do(self._rt.store.events_for_keys(keys[i : i + 500], workflows)):
                 by_key.setdefault(e["key"], []).append(AuditEvent.model_validate(dict(e)))
         return [_record(m, by_key.get(m["key"], [])) for m in rows]
 

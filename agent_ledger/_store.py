@@ -1021,10 +1021,13 @@ class Store:
             stmt = stmt.limit(limit)
         return Work(((stmt, {}),), "rows", False, "effects")
 
-    def events_for_keys(self, keys: Sequence[str]) -> Work:
-        """The audit events of these keys, oldest first."""
+    def events_for_keys(self, keys: Sequence[str], workflow_ids: Sequence[str] | None = None) -> Work:
+        """The audit events of these keys, oldest first; ``workflow_ids``: the keys' workflows, when the
+        caller knows them (the shards to ask; None: every shard)."""
         ev = self.tables.events
         stmt = select(ev).where(ev.c.key.in_(list(keys))).order_by(ev.c.id)
+        if workflow_ids is not None:
+            stmt = stmt.where(ev.c.workflow_id.in_(list(workflow_ids)))
         return Work(((stmt, {}),), "rows", False, "events")
 
     def prunable(self, *, now: datetime, finished_before: datetime | None, limit: int) -> Work:

@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate", help="create or upgrade the ledger's tables (alembic upgrade head)")
     mig.add_argument(
         "--partitions",
-        type=int,
+        type=_partitions,
         metavar="N",
         help="Postgres: create the tables hash-partitioned by workflow_id into N partitions (docs/scaling.md)",
     )
@@ -253,6 +253,16 @@ def _max_calls(text: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of calls (an integer >= 0)")
     return n
+
+
+def _partitions(text: str) -> int | None:
+    from ._migrate import check_partitions
+    from .errors import InvalidArguments
+
+    try:
+        return check_partitions(text)
+    except InvalidArguments as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _duration(text: str) -> timedelta:

@@ -96,4 +96,13 @@ fi
 
 # The interpreter that has the package installed: python in a venv, else python3.
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
-exec "$PYTHON" -m pytest "$@"
+"$PYTHON" -m pytest "$@"
+
+# Then the tests that use Postgres again, on the schema hash-partitioned by workflow_id (every unique
+# key must hold the partition column: the constraint a sharded Postgres such as Citus imposes; see
+# docs/scaling.md). Only the tests marked `postgres` (tests/conftest.py): the documentation blocks and
+# the SQLite tests are not run twice. Set AGENT_LEDGER_SKIP_PARTITIONED=1 to skip this pass.
+if [ -z "${AGENT_LEDGER_SKIP_PARTITIONED:-}" ]; then
+    echo "scripts/test.sh: the Postgres tests again, on the partitioned schema (--pg-partitions 8)" >&2
+    exec "$PYTHON" -m pytest -m postgres --pg-partitions 8 "$@"
+fi

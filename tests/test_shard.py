@@ -259,7 +259,7 @@ def test_migrate_partitions_option_everywhere(pg_url: str, plain: None, tmp_path
         timeout=120,
         env=env,
     )
-    assert bad.returncode != 0 and "partitions must be a whole number from 1 to 1024" in bad.stderr
+    assert bad.returncode == 2 and "partitions must be a whole number from 1 to 1024" in bad.stderr
     assert "Traceback" not in bad.stderr
     engine = sa.create_engine(pg_url)
     assert not sa.inspect(engine).has_table("agent_ledger_effects")
