@@ -83,13 +83,14 @@ async def atimed(fn: Callable[[int], Awaitable[Any]], n: int, base: int) -> list
 
 CLAIM = (
     "INSERT INTO {t} (key, workflow_id, tool, status, attempt, payload_hash, args, owner, lease_expires_at, "
-    "created_at, started_at) VALUES ({p}) ON CONFLICT (key) DO NOTHING RETURNING attempt"
+    "created_at, started_at) VALUES ({p}) ON CONFLICT (key, workflow_id) DO NOTHING RETURNING attempt"
 )
 COMPLETE = (
     "UPDATE {t} SET status = 'succeeded', result = {r}, result_replayable = true, lease_expires_at = NULL, "
-    "finished_at = {n} WHERE key = {k} AND owner = {o} AND attempt = 1 AND status = 'running'"
+    "finished_at = {n} WHERE key = {k} AND workflow_id = 'floor' AND owner = {o} AND attempt = 1 "
+    "AND status = 'running'"
 )
-SELECT = "SELECT * FROM {t} WHERE key = {k}"
+SELECT = "SELECT * FROM {t} WHERE key = {k} AND workflow_id = 'floor'"
 
 
 def floor_sql(table: str, mark: str) -> tuple[str, str, str]:
