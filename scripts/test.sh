@@ -103,6 +103,6 @@ PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 # docs/scaling.md). Only the tests marked `postgres` (tests/conftest.py): the documentation blocks and
 # the SQLite tests are not run twice. Set AGENT_LEDGER_SKIP_PARTITIONED=1 to skip this pass.
 if [ -z "${AGENT_LEDGER_SKIP_PARTITIONED:-}" ]; then
-    echo "scripts/test.sh: the Postgres tests again, on the partitioned schema (--pg-partitions 8)" >&2
-    exec "$PYTHON" -m pytest -m postgres --pg-partitions 8 "$@"
+    echo "scripts/test.sh: the Postgres tests again, on the partitioned schema (--pg-partitions 4)" >&2
+    exec "$PYTHON" -m pytest -m postgres --pg-partitions 4 "$@"
 fi

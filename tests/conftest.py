@@ -21,7 +21,7 @@ Fixtures:
 
 Every test that uses Postgres is marked ``postgres``. ``--pg-partitions N`` makes every migration of the
 run create the Postgres tables hash-partitioned by workflow_id (docs/scaling.md); scripts/test.sh runs
-``-m postgres --pg-partitions 8`` after the whole suite.
+``-m postgres --pg-partitions 4`` after the whole suite.
 """
 
 from __future__ import annotations
