@@ -10,8 +10,10 @@ it is their rowid, the only column SQLite numbers itself, and a SQLite file is n
 With partitions (``-x partitions=N``, ``agent-ledger migrate --partitions N``, see
 ``agent_ledger._migrate``; Postgres only) those four tables are then rebuilt ``PARTITION BY HASH
 (workflow_id)`` into N partitions ``<table>_p0`` .. ``<table>_p<N-1>``, rows included. The inbound ids
-are not a workflow's and stay one plain table. Downgrade rebuilds plain tables first, then restores the
-keys of 0006.
+are not a workflow's and stay one plain table. The limits' usage table (revision 0006), whose key is
+(name, scope, window_start), is partitioned ``BY HASH (scope)`` with the same modulus: a per-workflow
+budget's scope is its workflow id, so its row lands in the partition number of its workflow's rows.
+Downgrade rebuilds plain tables first, then restores the keys of the revision before.
 
 Revision ID: 0007
 Revises: 0006
@@ -88,10 +90,10 @@ def _is_partitioned(table: str, schema: str | None) -> bool:
     return found is not None
 
 
-def _rebuild(table: str, schema: str | None, n: int | None) -> None:
+def _rebuild(table: str, schema: str | None, n: int | None, column: str = "workflow_id") -> None:
     """Postgres: rebuild ``table`` with its columns, keys, indexes and rows, partitioned by hash of
-    ``workflow_id`` into ``n`` partitions (None: one plain table). The new table takes over the
-    old one's names and its id sequence."""
+    ``column`` into ``n`` partitions (None: one plain table). The new table takes over the old one's
+    names and its id sequence."""
     bind = op.get_bind()
     insp = sa.inspect(bind)
     old = sa.Table(table, sa.MetaData(), schema=schema, autoload_with=bind)
@@ -113,7 +115,7 @@ def _rebuild(table: str, schema: str | None, n: int | None) -> None:
         op.drop_constraint(uq["name"], table, schema=schema, type_="unique")
     op.drop_constraint(pk["name"], table, schema=schema, type_="primary")
     op.rename_table(table, moved, schema=schema)
-    kwargs = {"postgresql_partition_by": "HASH (workflow_id)"} if n else {}
+    kwargs = {"postgresql_partition_by": f"HASH ({column})"} if n else {}
     new = sa.Table(
         table,
         sa.MetaData(),
@@ -173,11 +175,13 @@ def upgrade() -> None:
     if n and bind.dialect.name == "postgresql":
         for suffix in _KEYS:
             _rebuild(f"{prefix}{suffix}", schema, n)
+        if sa.inspect(bind).has_table(f"{prefix}usage", schema=schema):
+            _rebuild(f"{prefix}usage", schema, n, "scope")
 
 
 def downgrade() -> None:
     prefix, schema = naming()
-    for suffix in _KEYS:
+    for suffix in (*_KEYS, "usage"):
         if _is_partitioned(f"{prefix}{suffix}", schema):
             _rebuild(f"{prefix}{suffix}", schema, None)
     _pending_index(prefix, schema, ["key", "payload_hash"])
