@@ -4,6 +4,7 @@ workflow_id (the constraint a distributed Postgres such as Citus imposes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,13 +18,23 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.script import ScriptDirectory
 
+import agent_ledger
 from agent_ledger import ApprovalPending, ApprovalRefused, ApprovalStatus, InvalidArguments, Ledger, ToolCall
 from agent_ledger._migrate import config_for, partitions
-from agent_ledger._schema import build_tables
+from agent_ledger._schema import Tables, build_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDED = ("effects", "events", "approvals", "approval_votes")
 """The tables holding a workflow's rows (the inbound ids are nobody's workflow: their own key)."""
+USAGE = "usage" in {f.name for f in dataclasses.fields(Tables)}
+"""Whether the limits' usage table exists (revision 0006): keyed and partitioned by its scope."""
+OTHERS = ("inbound", "usage") if USAGE else ("inbound",)
+
+
+def _layout(n: int) -> dict[str, tuple[str, int]]:
+    """The partitioning ``--partitions n`` asks for."""
+    out = {t: ("HASH (workflow_id)", n) for t in SHARDED}
+    return {**out, "usage": ("HASH (scope)", n)} if USAGE else out
 PREVIOUS = ScriptDirectory.from_config(config_for(build_tables())).get_revision("0007").down_revision
 """The revision before the shard-ready keys (0006 once the limits table is there, else 0005)."""
 
@@ -51,7 +62,7 @@ def _keys(url: str) -> dict[str, dict[str, list[list[str]]]]:
     engine = sa.create_engine(url)
     insp = sa.inspect(engine)
     out: dict[str, dict[str, list[list[str]]]] = {}
-    for suffix in (*SHARDED, "inbound"):
+    for suffix in (*SHARDED, *OTHERS):
         name = f"agent_ledger_{suffix}"
         uniques = [u["column_names"] for u in insp.get_unique_constraints(name)]
         uniques += [
@@ -84,9 +95,9 @@ def _rows(url: str) -> dict[str, list[dict[str, Any]]]:
     md = sa.MetaData()
     out = {}
     with engine.connect() as conn:
-        for suffix in (*SHARDED, "inbound"):
+        for suffix in (*SHARDED, *OTHERS):
             table = sa.Table(f"agent_ledger_{suffix}", md, autoload_with=conn)
-            order = [table.c[c] for c in ("id", "key", "message_id") if c in table.c][:1]
+            order = list(table.primary_key.columns)  # unique, so the same order whichever key it is
             out[suffix] = [dict(r._mapping) for r in conn.execute(sa.select(table).order_by(*order))]
     engine.dispose()
     for rows in out.values():
@@ -116,6 +127,12 @@ class Handlers:
         raise ValueError(f"declined {n}")
 
 
+def _limited() -> dict[str, Any]:
+    """A per-workflow budget of 100 (of the amount) for the charges, where limits exist: usage rows."""
+    limit = getattr(agent_ledger, "Limit", None)
+    return {"limits": [limit(max=100, count="amount", name="spend")]} if USAGE and limit is not None else {}
+
+
 def _charge(workflow: str, amount: int) -> ToolCall:
     return ToolCall(workflow_id=workflow, tool="payments.charge", args={"amount": amount})
 
@@ -129,7 +146,7 @@ def _populate(url: str, h: Handlers) -> dict[str, str]:
     call, one waiting for a second vote (with its first vote), and an inbound message id."""
     led = Ledger(url, auto_migrate=True)
     for w in range(6):  # several workflows: on the partitioned schema, rows in several partitions
-        assert led.run(_charge(f"wf-{w}", 10 + w), handler=h.charge) == {"charged": 10 + w}
+        assert led.run(_charge(f"wf-{w}", 10 + w), handler=h.charge, **_limited()) == {"charged": 10 + w}
     with pytest.raises(ValueError):
         led.run(ToolCall(workflow_id="wf-0", tool="payments.boom", args={"n": 1}), handler=h.boom, on_error="replay")
     with pytest.raises(ApprovalPending) as first:
@@ -161,6 +178,8 @@ def test_every_key_of_a_workflows_rows_holds_workflow_id(db_url: str, plain: Non
     assert keys["approvals"]["unique"] == [["key", "payload_hash", "workflow_id"]]
     assert keys["approval_votes"]["unique"] == [["approval_id", "approver", "workflow_id"]]
     assert keys["inbound"] == {"pk": [["message_id"]], "unique": []}
+    if USAGE:  # keyed by its scope, the column it is distributed by (a workflow budget's is the workflow id)
+        assert keys["usage"] == {"pk": [["name", "scope", "window_start"]], "unique": []}
 
 
 @pytest.mark.parametrize("parts", [None, 4], ids=["plain", "partitioned"])
@@ -175,34 +194,39 @@ def test_the_migration_moves_a_populated_database_both_ways(db_url: str, plain: 
     ids = _populate(db_url, h)
     assert len(h.runs) == 8
     before = _rows(db_url)
-    assert all(before[t] for t in (*SHARDED, "inbound")), {t: len(r) for t, r in before.items()}
+    assert all(before[t] for t in (*SHARDED, *OTHERS)), {t: len(r) for t, r in before.items()}
     assert [v["workflow_id"] for v in before["approval_votes"]] == ["wf-1", "wf-2"]
 
     _migrate_to(db_url, PREVIOUS, down=True)
     old = _keys(db_url)
     assert old["effects"]["pk"] == [["key"]] and old["approvals"]["pk"] == [["id"]]
     assert old["approval_votes"]["unique"] == [["approval_id", "approver"]]
-    downgraded = _rows(db_url)
     without_workflow = [{k: v for k, v in r.items() if k != "workflow_id"} for r in before["approval_votes"]]
-    assert downgraded == {**before, "approval_votes": without_workflow}
+    assert _rows(db_url) == {**before, "approval_votes": without_workflow}
 
     _migrate_to(db_url, "head", partitions=parts)
     assert _rows(db_url) == before
     if parts:
-        assert _partitioning(db_url) == {t: ("HASH (workflow_id)", parts) for t in SHARDED}
+        assert _partitioning(db_url) == _layout(parts)
     elif not db_url.startswith("sqlite"):
         assert _partitioning(db_url) == {}
 
     led = Ledger(db_url)
-    for w in range(6):  # the old keys replay
-        assert led.run(_charge(f"wf-{w}", 10 + w), handler=h.charge) == {"charged": 10 + w}
+    for w in range(6):  # the old keys replay (and charge no budget again)
+        assert led.run(_charge(f"wf-{w}", 10 + w), handler=h.charge, **_limited()) == {"charged": 10 + w}
     with pytest.raises(Exception, match="declined 1"):
         led.run(ToolCall(workflow_id="wf-0", tool="payments.boom", args={"n": 1}), handler=h.boom, on_error="replay")
     assert led.run(_refund("wf-1", 5), handler=h.refund, requires_approval=True) == {"refunded": 5}
     assert len(h.runs) == 8
-    assert led.run(_charge("wf-new", 99), handler=h.charge) == {"charged": 99}  # a new key runs once
-    assert led.run(_charge("wf-new", 99), handler=h.charge) == {"charged": 99}
+    assert led.run(_charge("wf-new", 99), handler=h.charge, **_limited()) == {"charged": 99}  # runs once
+    assert led.run(_charge("wf-new", 99), handler=h.charge, **_limited()) == {"charged": 99}
     assert h.runs[8:] == [("charge", 99)]
+    if _limited():  # the budget of wf-0 was kept: 10 used before the upgrade, 95 more do not fit
+        with pytest.raises(agent_ledger.LimitExceeded):  # type: ignore[attr-defined,unused-ignore]
+            led.run(_charge("wf-0", 95), handler=h.charge, **_limited())
+        assert led.run(_charge("wf-0", 90), handler=h.charge, **_limited()) == {"charged": 90}
+        assert h.runs[9:] == [("charge", 90)]
+        h.runs.pop()
     with pytest.raises(ApprovalRefused, match="already"):
         led.approve(ids["open"], by="fay")
     assert led.approve(ids["open"], by="fred").status is ApprovalStatus.APPROVED
@@ -214,12 +238,15 @@ def test_the_migration_moves_a_populated_database_both_ways(db_url: str, plain: 
     assert record is not None and record.workflow_id == before["effects"][0]["workflow_id"]
     assert [e.tool for e in led.history("wf-1")] == ["payments.charge", "payments.refund"]
     led.close()
-    # And down again from the new rows (a partitioned database included): the old keys take them.
+    # And down again with the new rows (from the partitioned tables too): the old keys take every row.
+    after = _rows(db_url)
+    assert len(after["effects"]) > len(before["effects"])
     _migrate_to(db_url, PREVIOUS, down=True)
     if not db_url.startswith("sqlite"):
         assert _partitioning(db_url) == {}
     assert _keys(db_url)["effects"]["pk"] == [["key"]]
-    assert len(_rows(db_url)["effects"]) == len(before["effects"]) + 2
+    without_workflow = [{k: v for k, v in r.items() if k != "workflow_id"} for r in after["approval_votes"]]
+    assert _rows(db_url) == {**after, "approval_votes": without_workflow}
 
 
 def test_partitioned_schema_runs_the_ledger(pg_url: str, plain: None) -> None:
@@ -229,7 +256,7 @@ def test_partitioned_schema_runs_the_ledger(pg_url: str, plain: None) -> None:
 
     led = Ledger(pg_url)
     led.migrate(partitions=8)
-    assert _partitioning(pg_url) == {t: ("HASH (workflow_id)", 8) for t in SHARDED}
+    assert _partitioning(pg_url) == _layout(8)
     assert _diff(pg_url) == []
     h = Handlers()
     for w in range(40):
@@ -273,7 +300,7 @@ def test_migrate_partitions_option_everywhere(pg_url: str, plain: None, tmp_path
         env=env,
     )
     assert ok.returncode == 0, ok.stderr
-    assert _partitioning(pg_url) == {t: ("HASH (workflow_id)", 3) for t in SHARDED}
+    assert _partitioning(pg_url) == _layout(3)
     _migrate_to(pg_url, PREVIOUS, down=True)
     assert _partitioning(pg_url) == {}
     out = subprocess.run(
@@ -286,7 +313,7 @@ def test_migrate_partitions_option_everywhere(pg_url: str, plain: None, tmp_path
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
-    assert _partitioning(pg_url) == {t: ("HASH (workflow_id)", 5) for t in SHARDED}
+    assert _partitioning(pg_url) == _layout(5)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "1025", "eight", "8.0", " "])
@@ -338,4 +365,4 @@ def test_the_partitioned_run_really_partitions(pg_url: str, run_partitioned: int
     led = Ledger(pg_url, auto_migrate=True)
     assert led.run(_charge("w", 1), handler=lambda amount: amount) == 1
     led.close()
-    assert _partitioning(pg_url) == {t: ("HASH (workflow_id)", run_partitioned) for t in SHARDED}
+    assert _partitioning(pg_url) == _layout(run_partitioned)
