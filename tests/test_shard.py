@@ -35,6 +35,8 @@ def _layout(n: int) -> dict[str, tuple[str, int]]:
     """The partitioning ``--partitions n`` asks for."""
     out = {t: ("HASH (workflow_id)", n) for t in SHARDED}
     return {**out, "usage": ("HASH (scope)", n)} if USAGE else out
+
+
 PREVIOUS = ScriptDirectory.from_config(config_for(build_tables())).get_revision("0007").down_revision
 """The revision before the shard-ready keys (0006 once the limits table is there, else 0005)."""
 
@@ -366,3 +368,80 @@ def test_the_partitioned_run_really_partitions(pg_url: str, run_partitioned: int
     assert led.run(_charge("w", 1), handler=lambda amount: amount) == 1
     led.close()
     assert _partitioning(pg_url) == _layout(run_partitioned)
+
+
+def test_statements_that_know_the_workflow_touch_one_partition(pg_url: str, plain: None) -> None:
+    """Postgres prunes partitions by the workflow_id a statement names: every statement of a call, of
+    the approval gate and of a vote plans on one partition of each table it reads or changes, while a
+    lookup by key alone plans on all of them (the multi-shard query docs/scaling.md lists)."""
+    import re
+
+    from agent_ledger._decide import Status
+    from agent_ledger._store import row_from_mapping
+
+    led = Ledger(pg_url)
+    led.migrate(partitions=8)
+    call = _refund("wf-7", 5)
+    with pytest.raises(ApprovalPending) as asked:
+        led.run(call, handler=Handlers().refund, requires_approval=True)
+    approval_id = asked.value.approval_id
+    rt = led._rt
+    store = rt.store
+    (approval,) = rt.do(store.approvals(status="pending", workflow_id="wf-7", tool=None, now=None))
+    assert led.run(_charge("wf-7", 1), handler=Handlers().charge) == {"charged": 1}
+    (effect,) = rt.do(store.effects(workflow_id="wf-7", tool="payments.charge"))
+    key, now = effect["key"], effect["created_at"]
+    row = row_from_mapping(rt.do(store.load(key, "wf-7")))
+    running = dataclasses.replace(row, status=Status.RUNNING, lease_expires_at=now)
+    failed = dataclasses.replace(row, status=Status.FAILED)
+    routed = {
+        "load": store.load(key, "wf-7"),
+        "claim_again": store.claim_again(event="retry", row=failed, owner="o", lease_expires_at=now, now=now),
+        "takeover": store.claim_again(event="takeover", row=running, owner="o", lease_expires_at=now, now=now),
+        "heartbeat": store.heartbeat(key=key, workflow_id="wf-7", owner="o", attempt=1, lease_expires_at=now),
+        "finish": store.finish(
+            event="fail", key=key, workflow_id="wf-7", tool="t", owner="o", attempt=1, now=now, error={"type": "E"}
+        ),
+        "mark_unknown": store.mark_unknown(row=running, now=now, by="o", detail={}),
+        "resolve": store.resolve(row=failed, event="resolve_retry", by="o", now=now),
+        "latest_approval": store.latest_approval(approval["key"], "wf-7", approval["payload_hash"]),
+        "approval": store.approval(approval_id, "wf-7"),
+        "expire": store.expire_approval(approval, now=now, actor="o"),
+        "supersede": store.supersede_approval(approval, ran_with="x", now=now, actor="o"),
+        "channel_state": store.set_channel_state(approval_id, "wf-7", {"c": {}}),
+        "vote": store.vote(approval_id, "wf-7", judge=lambda r: pytest.fail("not run"), by="o", reason=None, now=now),
+        "others": store.open_for_other_payloads(approval["key"], "wf-7", approval["payload_hash"]),
+        "events": store.events_for_keys([key], ["wf-7"]),
+        "history": store.events_for_workflow("wf-7"),
+    }
+    engine = sa.create_engine(pg_url)
+
+    @sa.event.listens_for(engine, "before_cursor_execute", retval=True)
+    def explain(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> Any:
+        return "EXPLAIN (COSTS OFF) " + statement, parameters  # the plan, with SQLAlchemy's own binds
+
+    def partitions_planned(stmt: Any, values: Any) -> dict[str, set[str]]:
+        with engine.connect() as conn:
+            plan = [r[0] for r in conn.execute(stmt, values)]
+            conn.rollback()
+        found: dict[str, set[str]] = {}
+        for table, number in re.findall(r"agent_ledger_(\w+?)_p(\d+)\b", "\n".join(plan)):
+            found.setdefault(table, set()).add(number)
+        return found
+
+    try:
+        checked = 0
+        for name, work in routed.items():
+            for stmt, values in work.steps:
+                if isinstance(stmt, sa.Insert):
+                    continue  # an insert routes its row by the value it writes
+                planned = partitions_planned(stmt, values)
+                assert planned, (name, stmt)
+                assert all(len(numbers) == 1 for numbers in planned.values()), (name, planned)
+                checked += 1
+        assert checked >= len(routed)
+        everywhere = partitions_planned(store.load_record(key).steps[0][0], {"p_key": key})
+        assert everywhere == {"effects": {str(i) for i in range(8)}}
+    finally:
+        engine.dispose()
+        led.close()
