@@ -202,6 +202,12 @@ class Sleep:
     """Wait this many seconds before looking again; the clock after waking is sent back (``Now``'s answer)."""
 
     seconds: float
+    key: str | None = None
+    """Wake early when this key's running attempt is completed, where the driver can be told (Postgres:
+    ``_fast.Listener``)."""
+    longest: float | None = None
+    """With ``key``: the longest pause the flow allows (its wait and the lease). A driver that will be
+    woken by the completion may poll less often, up to this; otherwise it sleeps ``seconds``."""
 
 
 @dataclass(slots=True)
@@ -425,6 +431,19 @@ def _decoded(plan: Plan, row: Row) -> Any:
 # -- the flow ---------------------------------------------------------------------------------
 
 
+POLL_FIRST = 0.002
+"""A waiter's first pause (seconds) before looking at a running key again."""
+POLL_CAPS: tuple[tuple[float, float], ...] = ((1.0, 0.005), (2.0, 0.01), (math.inf, 0.1))
+"""(waited less than, longest pause): poll fast while the winner is likely about to finish, then back
+off. On Postgres a waiter is also woken by the completion's ``NOTIFY`` (``_fast.Listener``)."""
+
+
+def next_poll(delay: float, waited: float) -> float:
+    """The pause after ``delay`` for a waiter that has waited ``waited`` seconds."""
+    cap = next(c for until, c in POLL_CAPS if waited < until)
+    return min(delay * 2, cap)
+
+
 def execute(plan: Plan) -> Generator[Op, Any, Any]:
     """Carry a call through the ledger: decide, claim, run, record; replay or refuse when settled."""
     store = plan.store
@@ -434,7 +453,7 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
         now, _ = yield Now()
     began: float | None = None  # monotonic time of the first wait, read only when there is one
     mono = 0.0
-    delay = 0.002
+    delay = POLL_FIRST
     past_limit: str | None = None  # the approval that lets this call run past a limit
     refusals = 0
     if plan.approval is None:
@@ -511,13 +530,13 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
             waited = mono - began
             if waited >= plan.wait:
                 raise InProgress(row.key, row.tool, row.owner, row.started_at, waited)
-            pause = min(delay, plan.wait - waited)
+            bound = plan.wait - waited
             if decision.lease_expires_at is not None:
-                pause = min(pause, max(0.001, (decision.lease_expires_at - now).total_seconds() + 0.001))
-            now, mono = yield Sleep(pause)
+                bound = min(bound, max(0.001, (decision.lease_expires_at - now).total_seconds() + 0.001))
+            now, mono = yield Sleep(min(delay, bound), plan.key, bound)
             # Poll fast while the winner is likely about to finish, then back off: waiters see a result
             # within a few ms of its commit in the first seconds, without hammering the database later.
-            delay = min(delay * 2, 0.005 if waited < 1.0 else 0.01 if waited < 2.0 else 0.1)
+            delay = next_poll(delay, waited)
             found = yield Db(store.load(plan.key, plan.workflow_id))
             continue
 

@@ -1297,22 +1297,31 @@ class Ledger:
         than ``older_than`` ago, with their events and approvals. Returns how many effects were deleted.
 
         A pruned call is forgotten: calling it again runs the handler again. Unsettled effects (running,
-        unknown, pending) are never pruned.
+        unknown, pending) are never pruned. Works in batches of ``batch_size`` effects, each deleted with
+        its events in its own short transaction, walking an index from where the last batch stopped: a
+        prune of millions of rows does not hold up live calls.
         """
         cutoff_s = _seconds(older_than, "older_than", allow_zero=True)
         now = utcnow()
         cutoff = now - timedelta(seconds=cutoff_s) if cutoff_s is not None else None
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidArguments(f"batch_size must be a whole number >= 1, not {batch_size!r}")
         deleted = 0
-        while True:
-            keys = [
-                r["key"]
-                for r in self._rt.do(self._rt.store.prunable(now=now, finished_before=cutoff, limit=batch_size))
-            ]
-            if not keys:
-                return deleted
-            deleted += int(self._rt.do(self._rt.store.delete_keys(keys)))
-            if len(keys) < batch_size:
-                return deleted
+        # Past retention first (its index, in order), then anything finished before the cutoff. Each batch
+        # is its own short transaction: live calls never wait for a prune for longer than one batch.
+        for before in (None, cutoff) if cutoff is not None else (None,):
+            after = None
+            while True:
+                rows = self._rt.do(
+                    self._rt.store.prunable(now=now, finished_before=before, limit=batch_size, after=after)
+                )
+                if not rows:
+                    break
+                deleted += int(self._rt.do(self._rt.store.delete_keys([r["key"] for r in rows])))
+                if len(rows) < batch_size:
+                    break
+                after = rows[-1]["retain_until"] if before is None else rows[-1]["key"]
+        return deleted
 
     def history(self, workflow_id: str) -> list[EffectRecord]:
         """The workflow's effects in the order they were first called, each with its audit events."""

@@ -33,7 +33,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ._context import _current as _current_effect
-from ._fast import HOP, AsyncPool, Hot, SyncPool, install_idle_ping
+from ._fast import HOP, AsyncPool, Hot, Listener, SyncPool, install_idle_ping, notify_channel
 from ._flow import (
     Beat,
     Db,
@@ -257,6 +257,11 @@ def _storage_error(e: exc.SQLAlchemyError, label: str) -> StorageError:
     return StorageError(f"database error during {label or 'a ledger operation'}: {text.strip()}")
 
 
+def _settle(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _unreachable(e: OSError, label: str) -> StorageError:
     return StorageError(f"database unreachable during {label or 'a ledger operation'}: {e}")
 
@@ -338,6 +343,11 @@ class Runtime:
         self._hot: Hot | None = None
         self._spool: SyncPool | None = None
         self._rpool: SyncPool | None = None
+        self._listen: Listener | None = None
+        self.wake_waiters = self.dialect == "postgresql"
+        """Postgres: waiters of a running key listen for its completion (``_fast.Listener``) besides
+        polling. Off where ``LISTEN`` and session locks cannot work (PgBouncer in transaction mode):
+        waiters then only poll."""
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncPool] = weakref.WeakKeyDictionary()
         self._aengines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = weakref.WeakKeyDictionary()
@@ -438,6 +448,18 @@ class Runtime:
     def _adapters(self) -> Any:
         """Postgres: the engine dialect's psycopg adapters map (None on SQLite)."""
         return getattr(self.engine.dialect, "_psycopg_adapters_map", None)
+
+    def _listener(self, key: str | None) -> Listener | None:
+        """The process's listener for waiters of ``key`` (None: just sleep)."""
+        # ``listen_ok``: False behind a transaction pooler, where LISTEN and the marks' session locks cannot
+        # work; read when a waiter sleeps, after its lookup checked the connection.
+        if key is None or not self.wake_waiters or self._closed or not self.listen_ok:
+            return None
+        if self._listen is None:
+            with self._lock:
+                if self._listen is None:
+                    self._listen = Listener(self._driver_target(), notify_channel(self.store))
+        return self._listen
 
     def _reader(self) -> SyncPool:
         """SQLite connections for lookups on the event loop: they never wait for a lock."""
@@ -702,7 +724,17 @@ class Runtime:
             self._replays.add(op.event)
             return None
         if isinstance(op, Sleep):
-            time.sleep(op.seconds)
+            listener = self._listener(op.key)
+            if listener is None:
+                time.sleep(op.seconds)
+                return utcnow(), time.monotonic()
+            assert op.key is not None
+            woken = threading.Event()
+            listener.watch(op.key, woken.set)
+            try:
+                woken.wait(listener.pause(op))
+            finally:
+                listener.unwatch(op.key, woken.set)
             return utcnow(), time.monotonic()
         if isinstance(op, Now):
             return utcnow(), time.monotonic()
@@ -775,7 +807,23 @@ class Runtime:
             finally:
                 _current_effect.reset(token)
         if isinstance(op, Sleep):
-            await asyncio.sleep(op.seconds)
+            listener = self._listener(op.key)
+            if listener is None:
+                await asyncio.sleep(op.seconds)
+                return utcnow(), time.monotonic()
+            assert op.key is not None
+            loop = asyncio.get_running_loop()
+            woken = loop.create_future()
+
+            def wake() -> None:  # called from the listener thread
+                loop.call_soon_threadsafe(_settle, woken)
+
+            listener.watch(op.key, wake)
+            try:
+                await asyncio.wait({woken}, timeout=listener.pause(op))
+            finally:
+                listener.unwatch(op.key, wake)
+                woken.cancel()
             return utcnow(), time.monotonic()
         if isinstance(op, Beat):
             return asyncio.get_running_loop().create_task(self._abeat(op))
@@ -855,6 +903,8 @@ class Runtime:
         for pool in (self._spool, self._rpool):
             if pool is not None:
                 pool.close()
+        if self._listen is not None:
+            self._listen.close()
 
     async def aclose(self) -> None:
         """``close()`` plus disposing the async engine."""
@@ -884,6 +934,7 @@ class Runtime:
         if self._engine is not None:
             self._engine.dispose(close=False)
         self._spool = self._rpool = None  # the parent's connections stay the parent's
+        self._listen = None
         self._executor = None
         self._aengines = weakref.WeakKeyDictionary()
         self._apools = weakref.WeakKeyDictionary()

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Select,
     Update,
     and_,
+    any_,
     bindparam,
     case,
     cast,
@@ -1030,25 +1031,43 @@ class Store:
             stmt = stmt.where(ev.c.workflow_id.in_(list(workflow_ids)))
         return Work(((stmt, {}),), "rows", False, "events")
 
-    def prunable(self, *, now: datetime, finished_before: datetime | None, limit: int) -> Work:
-        """Settled effects past their retention (or finished before the cutoff), to delete."""
+    def prunable(self, *, now: datetime, finished_before: datetime | None, limit: int, after: Any = None) -> Work:
+        """One batch of settled effects to delete: past their retention (``finished_before`` None), or
+        finished before the cutoff. Each batch reads an index range from where the last one stopped
+        (``after``: the last row's ``retain_until``, or its key for a cutoff), so pruning a million rows
+        costs one pass over them, not a scan and a sort per batch."""
         e = self.tables.effects
-        due = e.c.retain_until <= now
-        if finished_before is not None:
-            due = or_(due, e.c.finished_at < finished_before)
-        stmt = (
-            select(e.c.key)
-            .where(e.c.status.in_([Status.SUCCEEDED.value, Status.FAILED.value]), due)
-            .order_by(e.c.finished_at)
-            .limit(limit)
-        )
-        return Work(((stmt, {}),), "rows", False, "prune")
+        settled = e.c.status.in_([Status.SUCCEEDED.value, Status.FAILED.value])
+        if finished_before is None:  # the retention index, in its order
+            stmt = select(e.c.key, e.c.retain_until).where(settled, e.c.retain_until <= now)
+            if after is not None:
+                stmt = stmt.where(e.c.retain_until >= after)  # >=: ties with the last row; deleted rows are gone
+            stmt = stmt.order_by(e.c.retain_until)
+        else:  # no index on finished_at: walk the primary key
+            stmt = select(e.c.key).where(settled, e.c.finished_at < finished_before)
+            if after is not None:
+                stmt = stmt.where(e.c.key > after)
+            stmt = stmt.order_by(e.c.key)
+        return Work(((stmt.limit(limit), {}),), "rows", False, "prune")
 
     def delete_keys(self, keys: Sequence[str]) -> Work:
         """Delete effects (still settled), their events, approvals and votes, in one transaction."""
         t = self.tables
         keys = list(keys)
         settled = [Status.SUCCEEDED.value, Status.FAILED.value]
+        if self.dialect == "postgresql":
+            # One array parameter (``key = ANY(...)``), not hundreds of expanded ones: expanding and
+            # parsing an IN list of a batch in each of the statements cost more than running them.
+            array = bindparam("keys", keys, type_=postgresql.ARRAY(t.effects.c.key.type))
+
+            def among(col: Any) -> Any:
+                return col == any_(array)
+
+        else:
+
+            def among(col: Any) -> Any:
+                return col.in_(keys)
+
         # Events and approvals go only with an effect row that was really deleted here: a key that was
         # retried (and is running again) since it was selected keeps its row and its audit trail.
         e = t.effects
@@ -1056,12 +1075,12 @@ class Store:
         gone_approvals = ~(
             select(e.c.key).where(e.c.key == t.approvals.c.key, e.c.workflow_id == t.approvals.c.workflow_id).exists()
         )
-        doomed = and_(t.approvals.c.key.in_(keys), gone_approvals)
+        doomed = and_(among(t.approvals.c.key), gone_approvals)
         doomed_ids = select(t.approvals.c.id).where(doomed, t.approvals.c.workflow_id == t.votes.c.workflow_id)
         return Work(
             (
-                (delete(t.effects).where(t.effects.c.key.in_(keys), t.effects.c.status.in_(settled)), {}),
-                (delete(t.events).where(t.events.c.key.in_(keys), gone), {}),
+                (delete(t.effects).where(among(e.c.key), e.c.status.in_(settled)), {}),
+                (delete(t.events).where(among(t.events.c.key), gone), {}),
                 (delete(t.votes).where(t.votes.c.approval_id.in_(doomed_ids)), {}),
                 (delete(t.approvals).where(doomed), {}),
             ),

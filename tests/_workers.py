@@ -287,3 +287,50 @@ def approve_then_charge(url: str, approval_id: str, who: str, barrier: Any, resu
         ran = "pending"
     results.put((who, voted, ran))
     ledger.close()
+
+
+def patient_waiter(url: str, workflow: str, log: str, slow_poll: bool, mode: str, go: Any, results: Any) -> None:
+    """Once ``go`` is set, call the key ``slow_winner`` is running and report when the result came back.
+    With ``slow_poll`` the waiter polls only every 10 s, so only the completion's notification can explain
+    a prompt return."""
+    import asyncio
+
+    from agent_ledger import _flow
+
+    if slow_poll:
+        _flow.POLL_FIRST = 10.0
+        _flow.POLL_CAPS = ((float("inf"), 10.0),)
+    ledger = Ledger(url, wait=60)
+    ledger.migrate()
+
+    def handler(n: int) -> str:
+        log_line(log, f"start {os.getpid()}")
+        return "waiter's result"
+
+    call = ToolCall(workflow_id=workflow, tool="slow", args={"n": 1})
+    results.put(("ready", time.time(), None))
+    go.wait(60)
+    out = ledger.run(call, handler=handler) if mode == "sync" else asyncio.run(ledger.arun(call, handler=handler))
+    results.put(("waited", time.time(), out))
+    ledger.close()
+
+
+def storm_caller(url: str, workflow: str, keys: int, seed: int, log: str, barrier: Any, results: Any) -> None:
+    """Call the same ``keys`` keys as every other storm caller, in an order of its own; each execution is
+    logged, and the caller reports how many results it saw that were not the key's."""
+    import random
+
+    ledger = Ledger(url, wait=120)
+    order = list(range(keys))
+    random.Random(seed).shuffle(order)
+
+    def handler(k: int) -> int:
+        log_line(log, f"run {k} {os.getpid()}")
+        return k * 2
+
+    barrier.wait(60)
+    wrong = sum(
+        ledger.run(ToolCall(workflow_id=workflow, tool="storm", args={"k": k}), handler=handler) != k * 2 for k in order
+    )
+    results.put(wrong)
+    ledger.close()
