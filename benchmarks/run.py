@@ -779,7 +779,7 @@ def prune_at_scale(pg_url: str, conninfo: str, rows: int, alone_s: float) -> dic
     with their p99 when nothing is pruned."""
     db = "bench_prune"
     with psycopg.connect(conninfo, autocommit=True, **pg_options()) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {db}")
+        admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")  # PgBouncer may hold connections
         admin.execute(f"CREATE DATABASE {db}")
     url = make_url(pg_url).set(database=db).render_as_string(hide_password=False)
     info = conninfo.rsplit("/", 1)[0] + "/" + db
@@ -809,7 +809,7 @@ def prune_at_scale(pg_url: str, conninfo: str, rows: int, alone_s: float) -> dic
     with psycopg.connect(info, autocommit=True, **pg_options()) as conn:
         left = conn.execute("SELECT count(*) FROM agent_ledger_events WHERE key LIKE 'old-%%'").fetchone()[0]
     with psycopg.connect(conninfo, autocommit=True, **pg_options()) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {db}")
+        admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")  # PgBouncer may hold connections
     return {
         "rows": rows,
         "load_s": round(loaded, 1),
@@ -1101,7 +1101,7 @@ def section_upstream(pg_url: str, args: argparse.Namespace, results: dict[str, A
     conninfo = floor_conninfo(pg_url)
     db = "bench_upstream"
     with psycopg.connect(conninfo, autocommit=True, **pg_options()) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {db}")
+        admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")  # PgBouncer may hold connections
         admin.execute(f"CREATE DATABASE {db}")
     script = str(ROOT / "benchmarks" / "upstream.py")
     target = conninfo.rsplit("/", 1)[0] + "/" + db
