@@ -103,7 +103,10 @@ COMPLETE = (
     "finished_at = {n} WHERE key = {k} AND workflow_id = 'floor' AND owner = {o} AND attempt = 1 "
     "AND status = 'running'"
 )
-SELECT = "SELECT status, attempt, payload_hash, result, result_replayable, error FROM {t} WHERE key = {k} AND workflow_id = 'floor'"
+SELECT = (
+    "SELECT status, attempt, payload_hash, result, result_replayable, error FROM {t} "
+    "WHERE key = {k} AND workflow_id = 'floor'"
+)
 """The honest replay floor: only the columns a replay needs (status, attempt, payload hash, result, error
 flags), not ``SELECT *``, which would make the floor decode arguments and timestamps a replay never reads."""
 

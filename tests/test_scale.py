@@ -18,6 +18,7 @@ from agent_ledger import Ledger, ToolCall, _keys, _ledger, _text
 from agent_ledger._runtime import _ReplayBuffer
 
 ctx = mp.get_context("spawn")
+pytestmark = pytest.mark.pgbouncer  # the storm also runs through PgBouncer in transaction mode
 
 
 def test_same_key_storm_runs_each_key_once(db_url: str, tmp_path: Path) -> None:

@@ -17,14 +17,16 @@ from agent_ledger import Ledger, ToolCall, compute_key
 from agent_ledger._fast import WAKE_LOCK_CLASS
 
 ctx = mp.get_context("spawn")
+pytestmark = pytest.mark.pgbouncer  # db_url tests also run through PgBouncer (transaction mode: polling)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_waiting_processes_see_the_result_right_after_the_commit(db_url: str, tmp_path: Path, mode: str) -> None:
     """A winner runs a key for two seconds while three other processes call it. Exactly one execution; every
     waiter returns the winner's result within a second of its commit. On Postgres the waiters poll only
-    every 10 s here, so only the notification can explain that; on SQLite they poll every few ms."""
-    pg = db_url.startswith("postgresql")
+    every 10 s here, so only the notification can explain that; on SQLite and through PgBouncer in
+    transaction mode (no LISTEN there) they poll every few ms."""
+    pg = db_url.startswith("postgresql") and "pgbouncer=transaction" not in db_url
     Ledger(db_url).migrate()
     log, results, go = str(tmp_path / "runs.log"), ctx.Queue(), ctx.Event()
     waiters = [
