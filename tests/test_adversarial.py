@@ -245,7 +245,11 @@ def test_postgres_restart_mid_flight(
             outcomes[i] = (kind, value)
     p.join(30)
     assert len(outcomes) == calls
-    assert errors, "the outage was not observed"
+    if via == "direct":
+        assert errors, "the outage was not observed"
+    # Behind PgBouncer a call that was not inside a transaction when the server went down only waits:
+    # PgBouncer holds it and reconnects, so the outage may pass unseen (seen in a full run). Either way
+    # every call has an outcome and none ran twice (below).
     assert all("database" in e for e in errors), errors
     executions = Counter(int(x) for x in read_lines(log))
     assert all(n == 1 for n in executions.values()), executions
