@@ -30,6 +30,7 @@ from sqlalchemy import JSON, Dialect, Engine, event, exc
 
 from ._schema import UTCDateTime
 from ._store import (
+    EVENT_COLUMNS,
     EXCEEDED,
     LIMIT_MARK,
     LOOKUP_COLUMNS,
@@ -623,6 +624,14 @@ class Hot:
         self.event = _compile(statements.event, dialect)
         audited = statements.complete_audited
         self.finish = _compile(audited, dialect) if audited is not None else None
+        # Postgres: batched audit rows go through COPY (a third of an executemany's client work per row;
+        # one statement, so all or nothing). The binds of ``event`` process each value as it does.
+        quote = dialect.identifier_preparer
+        self.copy_events = (
+            f"COPY {quote.format_table(store.tables.events)} ({', '.join(quote.quote(c) for c in EVENT_COLUMNS)}) "
+            "FROM STDIN"
+        )
+        self._event_procs = tuple(self.event.binds.get(f"p_{c}") for c in EVENT_COLUMNS)
         self.charge = _compile(statements.charge, dialect)
         self._limited: dict[int, _Sql] = {}
         self.succeed: _Sql | None = None
@@ -710,6 +719,14 @@ class Hot:
                 out[name] = proc(v)
         return out
 
+    def event_rows(self, op: AppendEvents) -> Generator[tuple[Any, ...], None, None]:
+        """Postgres: the rows of ``op`` for ``copy_events``, each value bound as ``event`` binds it."""
+        procs = self._event_procs
+        for r in op.rows:
+            yield tuple(
+                v if p is None or v is None else p(v) for p, v in zip(procs, (r[c] for c in EVENT_COLUMNS), strict=True)
+            )
+
     def row(self, values: tuple[Any, ...]) -> dict[str, Any]:
         """A lookup's result row (``LOOKUP_COLUMNS``) as the mapping the decision core reads."""
         out = dict(zip(self.columns, values, strict=True))
@@ -793,8 +810,9 @@ class Hot:
     def _pg(self, conn: Any, work: Work) -> Any:
         op = work.fast
         if isinstance(op, AppendEvents):  # batched replay records (written by the sync flusher)
-            with conn.cursor() as cur:
-                cur.executemany(self.event.sql, [self.params(self.event, r) for r in op.binds()])
+            with conn.cursor() as cur, cur.copy(self.copy_events) as copy:
+                for values in self.event_rows(op):
+                    copy.write_row(values)
             return None
         steps = self._pg_steps(work)
         got: Any = None
@@ -917,8 +935,9 @@ class Hot:
     async def _apg(self, conn: Any, work: Work) -> Any:
         op = work.fast
         if isinstance(op, AppendEvents):  # as in _pg (the flusher is sync; this keeps ado complete)
-            async with conn.cursor() as cur:
-                await cur.executemany(self.event.sql, [self.params(self.event, r) for r in op.binds()])
+            async with conn.cursor() as cur, cur.copy(self.copy_events) as copy:
+                for values in self.event_rows(op):
+                    await copy.write_row(values)
             return None
         steps = self._pg_steps(work)
         got: Any = None

@@ -46,6 +46,7 @@ from ._schema import Tables
 __all__ = [
     "EXCEEDED",
     "LIMIT_MARK",
+    "EVENT_COLUMNS",
     "LOOKUP_COLUMNS",
     "AppendEvents",
     "ClaimNew",
@@ -62,6 +63,8 @@ __all__ = [
 Returns = Literal["row", "rows", "rowcount", "none", "claim_or_row"]
 
 LOOKUP_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Row))
+EVENT_COLUMNS: tuple[str, ...] = ("key", "workflow_id", "tool", "kind", "attempt", "owner", "at", "detail")
+"""The audit columns a writer sets (the others have defaults)."""
 """The effect columns a lookup returns: exactly what the decision core's ``Row`` reads."""
 
 
@@ -652,7 +655,7 @@ class Store:
                 b("now", type_=ev.c.at.type),
                 b("detail", type_=ev.c.detail.type),
             ).select_from(done)
-            columns = ["key", "workflow_id", "tool", "kind", "attempt", "owner", "at", "detail"]
+            columns = list(EVENT_COLUMNS)
             complete_audited = insert(ev).from_select(columns, audit)
         self.hot = HotStatements(
             lookup=self._lookup,

@@ -434,11 +434,7 @@ def workflows_query(
 def effects_of_query(tables: Tables, workflow_ids: Sequence[str], per_workflow: int) -> Any:
     """One query: the latest ``per_workflow`` effects of each of these workflows (newest first)."""
     e = tables.effects
-    rank = (
-        func.row_number()
-        .over(partition_by=e.c.workflow_id, order_by=(e.c.created_at.desc(), e.c.key))
-        .label("rank")
-    )
+    rank = func.row_number().over(partition_by=e.c.workflow_id, order_by=(e.c.created_at.desc(), e.c.key)).label("rank")
     inner = select(e.c.workflow_id, e.c.tool, e.c.status, e.c.created_at, e.c.key, rank).where(
         e.c.workflow_id.in_(list(workflow_ids))
     )
