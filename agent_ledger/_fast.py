@@ -34,6 +34,7 @@ from ._store import (
     EXCEEDED,
     LIMIT_MARK,
     LOOKUP_COLUMNS,
+    WAKE_LOCK_CLASS,
     AppendEvents,
     ClaimNew,
     ClaimOrLoad,
@@ -55,7 +56,6 @@ __all__ = [
     "Listener",
     "SyncPool",
     "install_idle_ping",
-    "notify_channel",
 ]
 
 log = logging.getLogger("agent_ledger")
@@ -88,8 +88,13 @@ def install_idle_ping(engine: Engine) -> None:
 @dataclass(frozen=True)
 class _Sql:
     sql: str
-    defaults: Mapping[str, Any]
-    binds: Mapping[str, Callable[[Any], Any]]
+    plan: tuple[tuple[str, Any, Callable[[Any], Any] | None], ...]
+    """Per placeholder, in order: its bound name, its default (a literal's value, or None) and the
+    dialect's bind processor for it (None: the value goes as it is)."""
+
+    def processors(self) -> dict[str, Callable[[Any], Any] | None]:
+        """The bind processor of each bound name."""
+        return {name: proc for name, _, proc in self.plan}
 
 
 _UTC = timezone.utc
@@ -142,16 +147,14 @@ def _result_processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | No
 
 
 def _compile(stmt: Any, dialect: Dialect) -> _Sql:
-    # Named parameters on every driver (sqlite3 and aiosqlite take :name with a dict).
-    target: Any = dialect if dialect.name == "postgresql" else type(dialect)(paramstyle="named")  # type: ignore[call-arg]
+    """``stmt`` compiled once, with positional placeholders: psycopg and sqlite3 then bind a list as it
+    is, where a dict of named values costs a name lookup and a conversion per statement."""
+    pg = dialect.name == "postgresql"
+    target: Any = type(dialect)(paramstyle="format" if pg else "qmark")  # type: ignore[call-arg]
     compiled: Any = stmt.compile(dialect=target)
-    binds = {}
-    for name, bind in compiled.binds.items():
-        proc = _bind_processor(bind.type, dialect)
-        if proc is not None:
-            binds[name] = proc
-    defaults = dict(compiled.params)  # literal values of the statement (and None for ours, overridden)
-    return _Sql(compiled.string, defaults, binds)
+    procs = {name: _bind_processor(bind.type, dialect) for name, bind in compiled.binds.items()}
+    defaults = compiled.params  # literal values of the statement (and None for ours, given per call)
+    return _Sql(compiled.string, tuple((name, defaults.get(name), procs[name]) for name in compiled.positiontup))
 
 
 HOP = object()
@@ -462,18 +465,6 @@ class AsyncPool:
             await self._close(self._idle.pop()[0])
 
 
-WAKE_LOCK_CLASS = 0x4C454447
-"""Postgres: the first key of the advisory locks that mark a waited-on key (the second is
-``hashtext(key)``). A waiting process holds the shared lock; a completion that cannot take the exclusive
-one (``pg_try_advisory_xact_lock``: no wait, no WAL) knows someone waits and sends ``NOTIFY``. A hash
-collision, or another application's lock on the same pair, only costs a needless notification."""
-
-
-def notify_channel(store: Store) -> str:
-    """The Postgres ``NOTIFY`` channel on which completions of this store's waited-on keys are announced."""
-    return f"{store.tables.effects.name[:56]}_done"
-
-
 class Listener:
     """Postgres only: wakes this process's waiters as soon as the key they wait for is completed.
 
@@ -622,33 +613,21 @@ class Hot:
         self.claim = _compile(statements.claim, dialect)
         self.complete = _compile(statements.complete, dialect)
         self.event = _compile(statements.event, dialect)
-        audited = statements.complete_audited
+        # Postgres: a completion that also announces its key to waiters, with its audit row or without.
+        audited, waking = statements.complete_audited, statements.complete_waking
         self.finish = _compile(audited, dialect) if audited is not None else None
+        self.succeed = _compile(waking, dialect) if waking is not None else None
         # Postgres: batched audit rows go through COPY (a third of an executemany's client work per row;
-        # one statement, so all or nothing). The binds of ``event`` process each value as it does.
+        # one statement, so all or nothing). Each value is processed as ``event`` binds it.
         quote = dialect.identifier_preparer
         self.copy_events = (
             f"COPY {quote.format_table(store.tables.events)} ({', '.join(quote.quote(c) for c in EVENT_COLUMNS)}) "
             "FROM STDIN"
         )
-        self._event_procs = tuple(self.event.binds.get(f"p_{c}") for c in EVENT_COLUMNS)
+        procs = self.event.processors()
+        self._event_procs = tuple(procs.get(f"p_{c}") for c in EVENT_COLUMNS)
         self.charge = _compile(statements.charge, dialect)
         self._limited: dict[int, _Sql] = {}
-        self.succeed: _Sql | None = None
-        if self.pg and self.finish is not None:
-            # A completion announces its key (NOTIFY, payload the key) only when a process waits for it:
-            # then that process holds the shared advisory lock and the exclusive try fails (see Listener).
-            channel = {"wake_channel": notify_channel(store)}
-            wake = (
-                "LEFT JOIN LATERAL (SELECT pg_notify(%(wake_channel)s, done.key) WHERE NOT "
-                f"pg_try_advisory_xact_lock({WAKE_LOCK_CLASS}, hashtext(done.key))) AS wake ON true"
-            )
-            self.succeed = _Sql(
-                f"WITH done AS ({self.complete.sql} RETURNING key) SELECT count(*) FROM done {wake}",
-                {**self.complete.defaults, **channel},
-                self.complete.binds,
-            )
-            self.finish = _Sql(f"{self.finish.sql} {wake}", {**self.finish.defaults, **channel}, self.finish.binds)
         self.columns = LOOKUP_COLUMNS
         self.results = {
             c.name: proc
@@ -656,7 +635,7 @@ class Hot:
             if (proc := _result_processor(c.type, dialect)) is not None
         }
 
-    def limited(self, op: ClaimNew) -> tuple[str, dict[str, Any], bool]:
+    def limited(self, op: ClaimNew) -> tuple[str, list[Any], bool]:
         """Postgres: the step of a claim with charges (one statement; compiled once per charge count)."""
         n = len(op.charges)
         spec = self._limited.get(n)
@@ -710,14 +689,13 @@ class Hot:
         return {"claimed": False, **self.row(found)}
 
     @staticmethod
-    def params(spec: _Sql, values: Any) -> dict[str, Any]:
-        """Bind values through the dialect's processors, over the statement's literal defaults."""
-        out = {**spec.defaults, **values}
-        for name, proc in spec.binds.items():
-            v = out.get(name)
-            if v is not None:
-                out[name] = proc(v)
-        return out
+    def params(spec: _Sql, values: Mapping[str, Any]) -> list[Any]:
+        """The positional values of ``spec`` from named ``values`` (over the statement's literal
+        defaults), through the dialect's bind processors."""
+        get = values.get
+        return [
+            v if (v := get(name, default)) is None or proc is None else proc(v) for name, default, proc in spec.plan
+        ]
 
     def event_rows(self, op: AppendEvents) -> Generator[tuple[Any, ...], None, None]:
         """Postgres: the rows of ``op`` for ``copy_events``, each value bound as ``event`` binds it."""
@@ -753,7 +731,7 @@ class Hot:
         finally:
             pool.release(conn, healthy)
 
-    def _pg_steps(self, work: Work) -> Generator[tuple[str, dict[str, Any], bool], Any, Any]:
+    def _pg_steps(self, work: Work) -> Generator[tuple[str, list[Any], bool], Any, Any]:
         """The statements of a hot unit on Postgres, written once for both drivers: each step is
         (sql, params, fetch one row?) and receives the row (or the rowcount)."""
         op = work.fast
@@ -899,7 +877,7 @@ class Hot:
         try:
             assert isinstance(work.fast, (Lookup, ClaimOrLoad))  # reads_first
             conn = pool.acquire()
-            found = conn.execute(self.load.sql, self.params(self.load, work.fast.binds())).fetchone()
+            found = conn.execute(self.load.sql, self.params(self.load, work.fast.lookup_binds())).fetchone()
             healthy = True
         except sqlite3.OperationalError as e:
             if not _is_busy(e):

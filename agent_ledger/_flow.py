@@ -468,6 +468,8 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
             if plan.supersedes:
                 yield Supersede(plan.key, plan.workflow_id, plan.payload_hash)
             return (yield from _run_claimed(plan, 1, False))
+        elif found is not None and found["args"] is None:
+            found["args"] = plan.args  # the stored payload is this call's: its arguments were not fetched
     else:
         found = yield Db(store.load(plan.key, plan.workflow_id))
     while True:

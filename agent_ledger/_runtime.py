@@ -33,7 +33,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ._context import _current as _current_effect
-from ._fast import HOP, AsyncPool, Hot, Listener, SyncPool, install_idle_ping, notify_channel
+from ._fast import HOP, AsyncPool, Hot, Listener, SyncPool, install_idle_ping
 from ._flow import (
     Beat,
     Db,
@@ -56,7 +56,7 @@ from ._flow import (
 from ._hide import hide, hide_url, password_of, remember
 from ._pooling import Pooling, split_pooling
 from ._schema import Tables
-from ._store import EXCEEDED, Store, Work
+from ._store import EXCEEDED, Store, Work, notify_channel
 from ._telemetry import CallObserver
 from .errors import ConfigurationError, SchemaMissing, StorageError
 
@@ -458,7 +458,7 @@ class Runtime:
         if self._listen is None:
             with self._lock:
                 if self._listen is None:
-                    self._listen = Listener(self._driver_target(), notify_channel(self.store))
+                    self._listen = Listener(self._driver_target(), notify_channel(self.store.tables))
         return self._listen
 
     def _reader(self) -> SyncPool:

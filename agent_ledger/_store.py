@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import (
+    Boolean,
     Executable,
     Insert,
     Integer,
@@ -32,9 +33,13 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    not_,
+    null,
     or_,
     select,
+    true,
     tuple_,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -47,6 +52,7 @@ __all__ = [
     "EXCEEDED",
     "LIMIT_MARK",
     "EVENT_COLUMNS",
+    "WAKE_LOCK_CLASS",
     "LOOKUP_COLUMNS",
     "AppendEvents",
     "ClaimNew",
@@ -57,12 +63,25 @@ __all__ = [
     "Lookup",
     "Store",
     "Work",
+    "notify_channel",
     "row_from_mapping",
 ]
 
 Returns = Literal["row", "rows", "rowcount", "none", "claim_or_row"]
 
 LOOKUP_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Row))
+WAKE_LOCK_CLASS = 0x4C454447
+"""Postgres: the first key of the advisory locks that mark a waited-on key (the second is
+``hashtext(key)``). A waiting process holds the shared lock; a completion that cannot take the exclusive
+one (``pg_try_advisory_xact_lock``: no wait, no WAL) knows someone waits and sends ``NOTIFY``. A hash
+collision, or another application's lock on the same pair, only costs a needless notification."""
+
+
+def notify_channel(tables: Tables) -> str:
+    """The Postgres ``NOTIFY`` channel on which completions of these tables' waited-on keys are announced."""
+    return f"{tables.effects.name[:56]}_done"
+
+
 EVENT_COLUMNS: tuple[str, ...] = ("key", "workflow_id", "tool", "kind", "attempt", "owner", "at", "detail")
 """The audit columns a writer sets (the others have defaults)."""
 """The effect columns a lookup returns: exactly what the decision core's ``Row`` reads."""
@@ -125,8 +144,9 @@ class Lookup:
     workflow_id: str
 
     def binds(self) -> dict[str, Any]:
-        """Values of ``HotStatements.lookup``, under their bound names."""
-        return {"p_key": self.key, "p_workflow_id": self.workflow_id}
+        """Values of ``HotStatements.lookup``, under their bound names (no known payload: the stored
+        arguments always come back)."""
+        return {"p_key": self.key, "p_workflow_id": self.workflow_id, "p_known_hash": None}
 
     lookup_binds = binds
     """The same (the read of ``ClaimOrLoad`` is this lookup)."""
@@ -177,8 +197,10 @@ class ClaimNew:
         return out
 
     def lookup_binds(self) -> dict[str, Any]:
-        """Values of ``HotStatements.lookup`` for this key (``ClaimOrLoad``'s read, a lost claim's)."""
-        return {"p_key": self.key, "p_workflow_id": self.workflow_id}
+        """Values of ``HotStatements.lookup`` for this key (``ClaimOrLoad``'s read, a lost claim's): the
+        stored ``args`` come back only when the stored payload hash differs from this claim's (else None:
+        they are this claim's own)."""
+        return {"p_key": self.key, "p_workflow_id": self.workflow_id, "p_known_hash": self.payload_hash}
 
 
 @dataclass(slots=True)
@@ -287,7 +309,12 @@ class HotStatements:
     """One audit row (``Finish``'s, and each row of ``AppendEvents``)."""
     complete_audited: Insert | None
     """Postgres: ``Finish`` with its audit row as one statement (a data-modifying CTE that inserts the
-    audit row only if the update matched); None on SQLite (two statements in one transaction)."""
+    audit row only if the update matched), announcing the key to its waiters as ``complete_waking``
+    does; None on SQLite (two statements in one transaction)."""
+    complete_waking: Select[Any] | None
+    """Postgres: ``Finish`` without an audit row (a success), which also sends ``NOTIFY`` on
+    ``notify_channel`` when a process waits for the key (it holds the shared advisory lock
+    ``WAKE_LOCK_CLASS``, ``hashtext(key)``). Answer: one row, the number of effect rows changed."""
     charge: Insert
     """One charge of a ``ClaimNew`` with ``charges``: add the amount to its budget if it fits (an upsert
     returning the new ``used``; no row: it does not fit). SQLite runs it after the claim, in its
@@ -376,7 +403,14 @@ class Store:
         # and maintenance (``stale``, ``prunable``, ``delete_keys``) ask every shard. See docs/scaling.md.
         this = and_(e.c.key == b("key"), e.c.workflow_id == b("workflow_id"))
         self._load = select(e).where(e.c.key == b("key"))
-        self._lookup = select(*(e.c[name] for name in LOOKUP_COLUMNS)).where(this)
+        # The stored arguments only when the caller's payload differs (``p_known_hash``: the payload hash
+        # the caller holds, or None): equal hashes mean equal canonical arguments, the caller's own, so a
+        # replay does not fetch and decode them again.
+        args = type_coerce(
+            case((e.c.payload_hash == b("known_hash", type_=e.c.payload_hash.type), null()), else_=e.c.args),
+            e.c.args.type,
+        )
+        self._lookup = select(*(args.label("args") if n == "args" else e.c[n] for n in LOOKUP_COLUMNS)).where(this)
 
         ins = postgresql.insert(e) if dialect == "postgresql" else sqlite.insert(e)
         base_claim = ins.values(
@@ -638,13 +672,28 @@ class Store:
                 stmt = self._limited[n] = built
             return stmt
 
-        complete_audited = None
+        complete_audited = complete_waking = None
         if dialect == "postgresql":
+            # A completion announces its key (NOTIFY, payload the key) only when a process waits for it:
+            # then that process holds the shared advisory lock on (WAKE_LOCK_CLASS, hashtext(key)) and
+            # this statement's exclusive try fails (``_fast.Listener``). No wait, no WAL otherwise.
+            def waking(done: Any) -> Any:
+                tried = func.pg_try_advisory_xact_lock(
+                    literal(WAKE_LOCK_CLASS), func.hashtext(done.c.key), type_=Boolean
+                )
+                notify = (
+                    select(func.pg_notify(literal(notify_channel(tables)), done.c.key))
+                    .where(not_(tried))
+                    .correlate(done)
+                )
+                return done.outerjoin(notify.lateral("wake"), true())
+
+            done = self._complete.returning(e.c.key).cte("done")
+            complete_waking = select(func.count()).select_from(waking(done))
             # One round trip for an outcome and its audit row: the update runs in a data-modifying CTE
             # and the audit row is selected from what it returned, so it exists only if the update
             # matched. Its values are the update's own binds where they coincide (key, owner, attempt,
             # status as the kind, now as the time).
-            done = self._complete.returning(e.c.key).cte("done")
             audit = select(
                 done.c.key,
                 b("workflow_id", type_=ev.c.workflow_id.type),
@@ -654,15 +703,15 @@ class Store:
                 b("owner", type_=ev.c.owner.type),
                 b("now", type_=ev.c.at.type),
                 b("detail", type_=ev.c.detail.type),
-            ).select_from(done)
-            columns = list(EVENT_COLUMNS)
-            complete_audited = insert(ev).from_select(columns, audit)
+            ).select_from(waking(done))
+            complete_audited = insert(ev).from_select(list(EVENT_COLUMNS), audit)
         self.hot = HotStatements(
             lookup=self._lookup,
             claim=self._claim_new,
             complete=self._complete,
             event=self._event,
             complete_audited=complete_audited,
+            complete_waking=complete_waking,
             charge=self._charge,
             limited_claim=limited_claim,
         )

@@ -14,7 +14,7 @@ import pytest
 from _workers import read_lines
 
 from agent_ledger import Ledger, ToolCall, compute_key
-from agent_ledger._fast import WAKE_LOCK_CLASS
+from agent_ledger._store import WAKE_LOCK_CLASS
 
 ctx = mp.get_context("spawn")
 pytestmark = pytest.mark.pgbouncer  # db_url tests also run through PgBouncer (transaction mode: polling)
