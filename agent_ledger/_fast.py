@@ -487,7 +487,8 @@ class Listener:
     IDLE_MARK = 1.0
     IDLE_EXIT = 10.0
     TICK = 0.01
-    """Seconds the thread waits for notifications before it looks at queued mark requests."""
+    """Seconds the thread listens before it looks at queued mark requests (a notification wakes its
+    waiters as it arrives)."""
     MARKED_POLL = 0.05
     """Seconds between a marked waiter's polls (when its flow allows that long): the notification wakes it
     at once, so polling is only the safety net, and 8 waiters polling every 5 ms cost the database and
@@ -499,6 +500,7 @@ class Listener:
         self._waiters: dict[str, list[Callable[[], None]]] = {}
         self._marked: dict[str, float] = {}  # key -> when a waiter last slept on it
         self._requests: list[str] = []  # keys to mark, taken by the thread
+        self._released: list[str] = []  # announced keys whose marks the thread is to release
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -540,6 +542,10 @@ class Listener:
     def _wake(self, key: str) -> None:
         with self._lock:
             wakes = list(self._waiters.get(key, ()))
+            # Unmarked at once, not when the thread next releases the lock: a waiter that was between
+            # two sleeps when the announcement came must not then sleep the long marked pause.
+            if self._marked.pop(key, None) is not None:
+                self._released.append(key)
         for wake in wakes:
             try:
                 wake()
@@ -556,21 +562,22 @@ class Listener:
                 with psycopg.connect(self.target, autocommit=True) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     while not self._closed:
-                        announced = [n.payload for n in conn.notifies(timeout=self.TICK)]
-                        for key in announced:
-                            self._wake(key)
+                        announced = []
+                        for note in conn.notifies(timeout=self.TICK):
+                            self._wake(note.payload)  # at once: not after the rest of the tick
+                            announced.append(note.payload)
                         now = time.monotonic()
                         with self._lock:
                             mark, self._requests = self._requests, []
-                            unmark = [k for k in announced if k in self._marked]
-                            unmark += [
+                            idle = [
                                 k
                                 for k, t in self._marked.items()
-                                if k not in self._waiters and now - t > self.IDLE_MARK and k not in unmark
+                                if k not in self._waiters and now - t > self.IDLE_MARK
                             ]
-                            for key in unmark:
+                            for key in idle:
                                 del self._marked[key]
-                            busy = bool(self._waiters or self._marked or mark)
+                            unmark, self._released = self._released + idle, []
+                            busy = bool(self._waiters or self._marked or mark or announced)
                         for key in unmark:
                             conn.execute("SELECT pg_advisory_unlock_shared(%s, hashtext(%s))", (WAKE_LOCK_CLASS, key))
                         for key in mark:
@@ -594,6 +601,7 @@ class Listener:
             except Exception:
                 with self._lock:
                     self._marked.clear()  # the session, and its marks, are gone
+                    self._released.clear()
                 if self._closed:
                     return
                 log.debug("the LISTEN connection failed; waiters poll until it is back", exc_info=True)

@@ -681,6 +681,7 @@ def _wait_party(url: str, role: str, run: str, rounds: int, work: float, barrier
             ToolCall(workflow_id=f"{run}-{r}", tool="slow", args={}), handler=slow if role == "winner" else mine
         )
         out.put((role, time.time(), got))  # run() returns after the completion committed
+    barrier.wait()  # nobody exits while a waiter of the last round still waits: exits cost CPU too
     ledger.close()
 
 
@@ -707,6 +708,7 @@ def waiter_latency(url: str, rounds: int, waiters: int = 8, work: float = 0.1) -
                     got.append(item)
             committed = next(t for who, t, _ in got if who == "winner")
             lags += [max(0.0, (t - committed) * 1000) for who, t, v in got if who == "waiter" and v == "winner"]
+        barrier.wait(timeout=120)  # then all of them close and exit
     finally:
         for p in procs:
             p.join(60)

@@ -147,3 +147,39 @@ def test_waiting_in_process_marks_and_releases(pg_url: str) -> None:
         assert held == 0, "the mark is released once the key was announced"
     led.close()
     other.close()
+
+
+def test_a_notification_wakes_its_waiter_at_once_and_unmarks_the_key(pg_url: str) -> None:
+    """The listener thread listens in ticks (it looks at mark requests in between): a notification must
+    wake its waiters as it arrives, not when the tick ends, and the key must be unmarked at once, so that
+    a waiter between two sleeps does not then sleep the long marked pause on a key already announced.
+    With a 3 s tick, both happen well within the tick."""
+    import threading
+
+    from agent_ledger._fast import Listener
+    from agent_ledger._flow import Sleep
+    from agent_ledger._store import notify_channel
+
+    led = Ledger(pg_url)
+    led.migrate()
+    conninfo = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    listener = Listener(conninfo, notify_channel(led._rt.store.tables))
+    listener.TICK = 3.0
+    woken = threading.Event()
+    try:
+        listener.watch("k-tick", woken.set)
+        deadline = time.monotonic() + 30
+        while "k-tick" not in listener._marked:  # the thread takes the mark after its first, short wait
+            assert time.monotonic() < deadline, "the key was never marked"
+            time.sleep(0.01)
+        assert listener.pause(Sleep(0.001, "k-tick", 10.0)) == Listener.MARKED_POLL
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            sent = time.monotonic()
+            conn.execute("SELECT pg_notify(%s, %s)", (listener.channel, "k-tick"))
+        assert woken.wait(2.0), "the waiter was not woken before the listener's tick ended"
+        assert time.monotonic() - sent < 2.0
+        assert listener.pause(Sleep(0.001, "k-tick", 10.0)) == 0.001, "the announced key is still marked"
+    finally:
+        listener.unwatch("k-tick", woken.set)
+        listener.close()
+        led.close()
