@@ -760,23 +760,17 @@ class Hot:
             if answer is not HOP:
                 return answer
             assert isinstance(op, ClaimOrLoad)
-            if op.charges:
-                won = yield self.limited(op)
-                if won is EXCEEDED:
-                    return EXCEEDED
-            else:
-                won = yield self.claim.sql, self.params(self.claim, op.binds()), True
+            won = yield from self._claim_step(op)
+            if won is EXCEEDED:
+                return EXCEEDED
             self.saw(new=True)
             return {"claimed": True} if won is not None else None
         if isinstance(op, ClaimOrLoad):
             # Most recent calls were new keys: claim first (one round trip for a new call), and read
             # the stored row only if the key turned out to exist.
-            if op.charges:
-                won = yield self.limited(op)
-                if won is EXCEEDED:
-                    return EXCEEDED
-            else:
-                won = yield self.claim.sql, self.params(self.claim, op.binds()), True
+            won = yield from self._claim_step(op)
+            if won is EXCEEDED:
+                return EXCEEDED
             if won is not None:
                 self.saw(new=True)
                 return {"claimed": True}  # the flow needs nothing else of a row it just created
@@ -784,14 +778,18 @@ class Hot:
             self.saw(new=False)
             return {"claimed": False, **self.row(found)} if found is not None else None
         if isinstance(op, ClaimNew):
-            if op.charges:
-                found = yield self.limited(op)
-                if found is EXCEEDED:
-                    return EXCEEDED
-            else:
-                found = yield self.claim.sql, self.params(self.claim, op.binds()), True
+            found = yield from self._claim_step(op)
+            if found is EXCEEDED:
+                return EXCEEDED
             return {"attempt": found[0]} if found is not None else None
         raise AssertionError(op)  # pragma: no cover
+
+    def _claim_step(self, op: ClaimNew) -> Generator[tuple[str, list[Any], bool], Any, Any]:
+        """Postgres: the claim of ``op`` as one step, its charges in the same statement when it has any.
+        Answer: the winner's row, None (the key exists), or ``EXCEEDED`` (over budget: nothing written)."""
+        if op.charges:
+            return (yield self.limited(op))
+        return (yield self.claim.sql, self.params(self.claim, op.binds()), True)
 
     def _pg(self, conn: Any, work: Work) -> Any:
         op = work.fast
