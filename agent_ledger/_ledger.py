@@ -1268,7 +1268,13 @@ class Ledger:
         for name, when in (("since", since), ("until", until)):
             if when is not None and (not isinstance(when, datetime) or when.tzinfo is None):
                 raise InvalidArguments(f"{name} must be an aware datetime, not {when!r}")
-        state = Status(status).value if status is not None else None
+        state = None
+        if status is not None:
+            try:
+                state = Status(status).value
+            except ValueError:
+                choices = ", ".join(s.value for s in Status)
+                raise InvalidArguments(f"status must be one of {choices}, not {printable(status, 40)!r}") from None
         rows = self._rt.do(
             self._rt.store.effects(
                 workflow_id=workflow_id, tool=tool, status=state, since=since, until=until, limit=limit

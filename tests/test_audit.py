@@ -42,6 +42,8 @@ def test_filters(ledger: Ledger) -> None:
     assert all(r.events for r in ledger.effects())
     with pytest.raises(InvalidArguments, match="aware datetime"):
         ledger.effects(since=before.replace(tzinfo=None))
+    with pytest.raises(InvalidArguments, match="status must be one of running, succeeded, .* not .bogus."):
+        ledger.effects(status="bogus")
 
 
 def test_export_json_lines_api_and_cli(ledger: Ledger, db_url: str) -> None:
