@@ -42,7 +42,7 @@ def test_filters(ledger: Ledger) -> None:
     assert all(r.events for r in ledger.effects())
     with pytest.raises(InvalidArguments, match="aware datetime"):
         ledger.effects(since=before.replace(tzinfo=None))
-    with pytest.raises(InvalidArguments, match="status must be one of running, succeeded, .* not .bogus."):
+    with pytest.raises(InvalidArguments, match=r"status must be one of running, succeeded, .* not .bogus."):
         ledger.effects(status="bogus")
 
 
