@@ -70,6 +70,8 @@ __all__ = [
 Returns = Literal["row", "rows", "rowcount", "none", "claim_or_row"]
 
 LOOKUP_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Row))
+"""The effect columns a lookup returns: exactly what the decision core's ``Row`` reads."""
+
 WAKE_LOCK_CLASS = 0x4C454447
 """Postgres: the first key of the advisory locks that mark a waited-on key (the second is
 ``hashtext(key)``). A waiting process holds the shared lock; a completion that cannot take the exclusive
@@ -84,7 +86,6 @@ def notify_channel(tables: Tables) -> str:
 
 EVENT_COLUMNS: tuple[str, ...] = ("key", "workflow_id", "tool", "kind", "attempt", "owner", "at", "detail")
 """The audit columns a writer sets (the others have defaults)."""
-"""The effect columns a lookup returns: exactly what the decision core's ``Row`` reads."""
 
 
 class _Exceeded:
