@@ -30,7 +30,6 @@ from sqlalchemy import JSON, Dialect, Engine, event, exc
 
 from ._schema import UTCDateTime
 from ._store import (
-    EVENT_COLUMNS,
     EXCEEDED,
     LIMIT_MARK,
     LOOKUP_COLUMNS,
@@ -91,10 +90,6 @@ class _Sql:
     plan: tuple[tuple[str, Any, Callable[[Any], Any] | None], ...]
     """Per placeholder, in order: its bound name, its default (a literal's value, or None) and the
     dialect's bind processor for it (None: the value goes as it is)."""
-
-    def processors(self) -> dict[str, Callable[[Any], Any] | None]:
-        """The bind processor of each bound name."""
-        return {name: proc for name, _, proc in self.plan}
 
 
 _UTC = timezone.utc
@@ -626,14 +621,12 @@ class Hot:
         self.finish = _compile(audited, dialect) if audited is not None else None
         self.succeed = _compile(waking, dialect) if waking is not None else None
         # Postgres: batched audit rows go through COPY (a third of an executemany's client work per row;
-        # one statement, so all or nothing). Each value is processed as ``event`` binds it.
+        # one statement, so all or nothing), each row bound as ``event`` binds it: the COPY names the
+        # columns of ``event``'s placeholders, in their order, so ``params`` reads a row as it is.
         quote = dialect.identifier_preparer
-        self.copy_events = (
-            f"COPY {quote.format_table(store.tables.events)} ({', '.join(quote.quote(c) for c in EVENT_COLUMNS)}) "
-            "FROM STDIN"
-        )
-        procs = self.event.processors()
-        self._event_procs = tuple(procs.get(f"p_{c}") for c in EVENT_COLUMNS)
+        plan = tuple((name.removeprefix("p_"), default, proc) for name, default, proc in self.event.plan)
+        columns = ", ".join(quote.quote(name) for name, _, _ in plan)
+        self.copy_events = _Sql(f"COPY {quote.format_table(store.tables.events)} ({columns}) FROM STDIN", plan)
         self.charge = _compile(statements.charge, dialect)
         self._limited: dict[int, _Sql] = {}
         self.columns = LOOKUP_COLUMNS
@@ -704,14 +697,6 @@ class Hot:
         return [
             v if (v := get(name, default)) is None or proc is None else proc(v) for name, default, proc in spec.plan
         ]
-
-    def event_rows(self, op: AppendEvents) -> Generator[tuple[Any, ...], None, None]:
-        """Postgres: the rows of ``op`` for ``copy_events``, each value bound as ``event`` binds it."""
-        procs = self._event_procs
-        for r in op.rows:
-            yield tuple(
-                v if p is None or v is None else p(v) for p, v in zip(procs, (r[c] for c in EVENT_COLUMNS), strict=True)
-            )
 
     def row(self, values: tuple[Any, ...]) -> dict[str, Any]:
         """A lookup's result row (``LOOKUP_COLUMNS``) as the mapping the decision core reads."""
@@ -794,9 +779,9 @@ class Hot:
     def _pg(self, conn: Any, work: Work) -> Any:
         op = work.fast
         if isinstance(op, AppendEvents):  # batched replay records (written by the sync flusher)
-            with conn.cursor() as cur, cur.copy(self.copy_events) as copy:
-                for values in self.event_rows(op):
-                    copy.write_row(values)
+            with conn.cursor() as cur, cur.copy(self.copy_events.sql) as copy:
+                for row in op.rows:
+                    copy.write_row(self.params(self.copy_events, row))
             return None
         steps = self._pg_steps(work)
         got: Any = None
@@ -919,9 +904,9 @@ class Hot:
     async def _apg(self, conn: Any, work: Work) -> Any:
         op = work.fast
         if isinstance(op, AppendEvents):  # as in _pg (the flusher is sync; this keeps ado complete)
-            async with conn.cursor() as cur, cur.copy(self.copy_events) as copy:
-                for values in self.event_rows(op):
-                    await copy.write_row(values)
+            async with conn.cursor() as cur, cur.copy(self.copy_events.sql) as copy:
+                for row in op.rows:
+                    await copy.write_row(self.params(self.copy_events, row))
             return None
         steps = self._pg_steps(work)
         got: Any = None
