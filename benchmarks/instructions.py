@@ -10,8 +10,8 @@ trips, WAL bytes).
     python benchmarks/instructions.py [--pg-url URL] [--paths floor-new,ledger-new,...]
 
 Needs ``valgrind`` (Debian: ``apt-get install valgrind``). A path takes about a minute. To compare with
-another version of the library, point ``PYTHONPATH`` at its checkout (the ledger probes use only
-``Ledger``, ``ToolCall`` and ``run``; use a separate database per version, their schemas differ).
+another version of the library, point ``PYTHONPATH`` at its checkout (the probes use only ``Ledger``,
+``ToolCall`` and ``run``; use a separate database per version, their schemas differ).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ write batches far smaller than any real run's)."""
 
 def probe(path: str, n: int, pg_url: str, sqlite_url: str) -> None:
     """The measured process: warm up, then make ``n`` calls of ``path``."""
-    from agent_ledger import Ledger, ToolCall, _runtime
+    from agent_ledger import _runtime
 
     init = _runtime._ReplayBuffer.__init__
 
@@ -47,28 +47,13 @@ def probe(path: str, n: int, pg_url: str, sqlite_url: str) -> None:
 
     _runtime._ReplayBuffer.__init__ = no_timer  # type: ignore[method-assign]
     url = sqlite_url if path.startswith("sqlite") else pg_url
+    sys.path.insert(0, str(HERE))
+    import run as bench  # a sibling script (it imports only what every version of the library has)
+
     if path.startswith("floor"):
-        sys.path.insert(0, str(HERE))
-        import run as bench
-
         new, replay, close = bench.floor_pg_sync(bench.floor_conninfo(url), "agent_ledger_effects")
-    else:  # as run.ledger_sync, with only what every version of the library has (to compare versions)
-        wf = "cg-" + uuid.uuid4().hex[:8]
-        writer, reader = Ledger(url), Ledger(url)
-
-        def noop(i: int) -> dict[str, int]:
-            return {"ok": i}
-
-        def new(i: int) -> None:
-            writer.run(ToolCall(workflow_id=wf, tool="bench", args={"i": i}), handler=noop)
-
-        def replay(i: int) -> None:
-            reader.run(ToolCall(workflow_id=wf, tool="bench", args={"i": i}), handler=noop)
-
-        def close() -> None:
-            writer.close()
-            reader.close()
-
+    else:
+        new, replay, close = bench.ledger_sync(url)
     for i in range(50):  # warm: connections open, statements prepared
         new(i)
         replay(i)
