@@ -303,30 +303,15 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
     assert c.run(lambda s: s.claim_again(event="reconcile", row=row, owner="B", lease_expires_at=later, now=later)) == 1
 
     # Replay records, batched.
-    replayed_base = {
-        "key": "k2",
-        "workflow_id": "wf",
-        "tool": "charge",
-        "kind": "replayed",
-        "attempt": 1,
-        "owner": "B",
-        "at": later,
-    }
-    replayed = [
+    replayed_base = {"workflow_id": "wf", "tool": "charge", "kind": "replayed", "attempt": 1, "owner": "B", "at": later}
+    replayed = [{**replayed_base, "key": k, "detail": {"count": n}} for n, k in enumerate(["k1", "k2", "k1"], 1)] + [
+        # No detail, no attempt; nested JSON with text outside ASCII (a COPY on Postgres).
+        {**replayed_base, "key": "k2", "attempt": None, "detail": None},
         {
-            "key": k,
-            "workflow_id": "wf",
-            "tool": "charge",
-            "kind": "replayed",
-            "attempt": 1,
-            "owner": "B",
-            "at": later,
-            "detail": {"count": n},
-        }
-        for n, k in enumerate(["k1", "k2", "k1"], 1)
-    ] + [  # no detail, no attempt; nested JSON with text outside ASCII (one statement of arrays on Postgres)
-        {**replayed_base, "attempt": None, "detail": None},
-        {**replayed_base, "detail": {"count": 1, "why": ["caf\u00e9", {"n": 2.5, "ok": True, "none": None}]}},
+            **replayed_base,
+            "key": "k2",
+            "detail": {"count": 1, "why": ["caf\u00e9", {"n": 2.5, "ok": True, "none": None}]},
+        },
     ]
     assert c.run(lambda s: s.events(replayed)) is None
     assert c.kinds == {"Lookup", "ClaimNew", "ClaimOrLoad", "Finish", "AppendEvents"}
