@@ -98,14 +98,17 @@ _UTC = timezone.utc
 def _sqlite_datetime_bind(value: datetime) -> str:
     """``UTCDateTime`` bound for SQLite: the dialect's processor's exact text (naive UTC, microseconds
     always written), done by ``isoformat`` in C instead of two Python processors."""
-    if value.tzinfo is None:
-        raise InvalidArguments("agent_ledger stores aware datetimes only")
-    return value.astimezone(_UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    if value.tzinfo is not _UTC:
+        if value.tzinfo is None:
+            raise InvalidArguments("agent_ledger stores aware datetimes only")
+        value = value.astimezone(_UTC)
+    return value.isoformat(" ", "microseconds")[:-6]  # without its "+00:00" (cheaper than replace())
 
 
 def _sqlite_datetime_result(value: Any) -> datetime | None:
     """A stored SQLite datetime as an aware UTC datetime, as ``UTCDateTime`` reads it."""
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=_UTC)
+    # The offset parsed with the text is the UTC singleton: cheaper than replace(tzinfo=...) after it.
+    return None if value is None else datetime.fromisoformat(value + "+00:00")
 
 
 def _sqlite_json_result(loads: Callable[[str], Any]) -> Callable[[Any], Any]:
@@ -627,14 +630,17 @@ class Hot:
         plan = tuple((name.removeprefix("p_"), default, proc) for name, default, proc in self.event.plan)
         columns = ", ".join(quote.quote(name) for name, _, _ in plan)
         self.copy_events = _Sql(f"COPY {quote.format_table(store.tables.events)} ({columns}) FROM STDIN", plan)
+        # SQLite: the same rows through ``event``'s INSERT, read by column name as COPY reads them.
+        self.event_rows = _Sql(self.event.sql, plan)
         self.charge = _compile(statements.charge, dialect)
         self._limited: dict[int, _Sql] = {}
         self.columns = LOOKUP_COLUMNS
-        self.results = {
-            c.name: proc
-            for c in statements.lookup.selected_columns
+        self._processors = tuple(
+            (i, proc)
+            for i, c in enumerate(statements.lookup.selected_columns)
             if (proc := _result_processor(c.type, dialect)) is not None
-        }
+        )
+        """(position in the row, result processor) of each lookup column that has one."""
 
     def limited(self, op: ClaimNew) -> tuple[str, list[Any], bool]:
         """Postgres: the step of a claim with charges (one statement; compiled once per charge count)."""
@@ -687,7 +693,9 @@ class Hot:
         if found is None:
             return HOP
         self.saw(new=False)
-        return {"claimed": False, **self.row(found)}
+        out = self.row(found)
+        out["claimed"] = False
+        return out
 
     @staticmethod
     def params(spec: _Sql, values: Mapping[str, Any]) -> list[Any]:
@@ -699,11 +707,13 @@ class Hot:
         ]
 
     def row(self, values: tuple[Any, ...]) -> dict[str, Any]:
-        """A lookup's result row (``LOOKUP_COLUMNS``) as the mapping the decision core reads."""
-        out = dict(zip(self.columns, values, strict=True))
-        for name, proc in self.results.items():
-            out[name] = proc(out[name])
-        return out
+        """A lookup's result row (``LOOKUP_COLUMNS``) as the mapping the decision core reads (NULL stays
+        None: every result processor maps None to None, so it is not called for one)."""
+        vals = list(values)
+        for i, proc in self._processors:
+            if vals[i] is not None:
+                vals[i] = proc(vals[i])
+        return dict(zip(self.columns, vals, strict=True))
 
     # -- sync -------------------------------------------------------------------------------
 
@@ -761,7 +771,7 @@ class Hot:
                 return {"claimed": True}  # the flow needs nothing else of a row it just created
             found = yield self.load.sql, self.params(self.load, op.lookup_binds()), True
             self.saw(new=False)
-            return {"claimed": False, **self.row(found)} if found is not None else None
+            return {**self.row(found), "claimed": False} if found is not None else None
         if isinstance(op, ClaimNew):
             found = yield from self._claim_step(op)
             if found is EXCEEDED:
@@ -827,11 +837,12 @@ class Hot:
             self.saw(new=won is not None)
             if won is not None:
                 return {"claimed": True}
-            return {"claimed": False, **self.row(found)} if found is not None else None
+            return {**self.row(found), "claimed": False} if found is not None else None
         conn.execute("BEGIN IMMEDIATE")
         try:
             if isinstance(op, AppendEvents):
-                conn.executemany(self.event.sql, [self.params(self.event, r) for r in op.binds()])
+                rows = self.event_rows
+                conn.executemany(rows.sql, [self.params(rows, r) for r in op.rows])
                 conn.execute("COMMIT")
                 return None
             if isinstance(op, ClaimNew):

@@ -413,11 +413,12 @@ STEP_TOOL = "agent_ledger.step"
 _STEP_OPTIONS = _Options.build({"key": ["position"], "on_crash": "retry"})
 
 
-_signatures: weakref.WeakKeyDictionary[Any, tuple[inspect.Signature | None, bool]] = weakref.WeakKeyDictionary()
+_signatures: weakref.WeakKeyDictionary[Any, tuple[inspect.Signature | None, bool, bool]] = weakref.WeakKeyDictionary()
 
 
-def _handler_signature(fn: Callable[..., Any]) -> tuple[inspect.Signature | None, bool]:
-    """(signature or None, whether it takes ``effect``), cached per handler: run() is a hot path."""
+def _handler_signature(fn: Callable[..., Any]) -> tuple[inspect.Signature | None, bool, bool]:
+    """(signature or None, whether it takes ``effect``, whether it is async), cached per handler: run()
+    is a hot path."""
     try:
         return _signatures[fn]
     except (KeyError, TypeError):
@@ -427,7 +428,7 @@ def _handler_signature(fn: Callable[..., Any]) -> tuple[inspect.Signature | None
     except (TypeError, ValueError):
         sig = None
     p = sig.parameters.get("effect") if sig is not None else None
-    found = (sig, p is not None and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+    found = (sig, p is not None and p.kind is not inspect.Parameter.POSITIONAL_ONLY, _is_async(fn))
     with contextlib.suppress(TypeError):  # not every callable can be weakly referenced
         _signatures[fn] = found
     return found
@@ -858,7 +859,7 @@ class Ledger:
         options are those of ``CallOptions`` (the same as ``@ledger.tool``).
         """
         plan = self._call_plan(call, handler, options)
-        if _is_async(handler):
+        if _handler_signature(handler)[2]:  # async (cached per handler, with its signature)
             return self._aexecute(plan)
         _sync_callables(plan.tool, plan.reconcile)
         return self._execute(plan)
@@ -875,7 +876,7 @@ class Ledger:
         if not isinstance(call, ToolCall):
             call = self._from_sdk(call, handler)
         args = dict(call.args)
-        sig, wants = _handler_signature(handler)
+        sig, wants, _ = _handler_signature(handler)
         if "effect" in args and wants:
             raise InvalidArguments(
                 f"tool {call.tool!r}: the argument name 'effect' is reserved for the Effect the handler receives"

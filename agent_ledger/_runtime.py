@@ -609,7 +609,7 @@ class Runtime:
 
     @staticmethod
     def _steps(conn: Connection, work: Work) -> Any:
-        (stmt, params), *rest = work.steps
+        (stmt, params), *rest = work.statements()
         if work.returns == "claim_or_row":  # the claim, or (when the key exists) the lookup after it
             if conn.execute(stmt, params).first() is not None:
                 for stmt, params in work.charges:  # the winner pays, or nothing is written
@@ -662,7 +662,7 @@ class Runtime:
 
     @staticmethod
     async def _asteps(conn: AsyncConnection, work: Work) -> Any:
-        (stmt, params), *rest = work.steps
+        (stmt, params), *rest = work.statements()
         if work.returns == "claim_or_row":  # as in _steps
             if (await conn.execute(stmt, params)).first() is not None:
                 for stmt, params in work.charges:

@@ -326,6 +326,10 @@ class HotStatements:
     marked ``LIMIT_MARK``, which rolls the whole statement back). Answer: the attempt, or no row."""
 
 
+Steps = tuple[tuple[Executable, Mapping[str, Any] | Sequence[Mapping[str, Any]]], ...]
+"""Statements of a unit of work, each with its bound values (a list of them: executemany)."""
+
+
 @dataclass(slots=True)
 class Work:
     """Statements to run in one transaction.
@@ -337,7 +341,8 @@ class Work:
     returns none, the second statement (a lookup) runs and its row is answered as not claimed.
     """
 
-    steps: tuple[tuple[Executable, Mapping[str, Any] | Sequence[Mapping[str, Any]]], ...]
+    steps: Steps
+    """The statements with their values (read them with ``statements()``: hot units defer them)."""
     returns: Returns = "rowcount"
     write: bool = True
     label: str = field(default="", compare=False)
@@ -352,6 +357,15 @@ class Work:
     charges: tuple[tuple[Executable, Mapping[str, Any]], ...] = ()
     """Charge statements of a claim with declared limits: run right after the claim won (before the
     other steps), each must return a row, or the transaction rolls back and the answer is ``EXCEEDED``."""
+    build: Callable[[], Steps] | None = None
+    """Hot units: builds ``steps`` when the reference first asks for them (``statements``); the fast
+    path reads only ``fast``, so a call pays nothing for statements it does not run."""
+
+    def statements(self) -> Steps:
+        """The unit's statements (``steps``, built now if they were deferred)."""
+        if self.build is not None:
+            self.steps, self.build = self.build(), None
+        return self.steps
 
 
 def _p(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -366,13 +380,17 @@ def _equal(stmt: Any, table: Any, **filters: Any) -> Any:
     return stmt
 
 
+_STATUSES: dict[Any, Status] = {s.value: s for s in Status}
+
+
 def row_from_mapping(m: Mapping[str, Any]) -> Row:
     """Build a decision-core ``Row`` from a result mapping of the effects table."""
+    status = m["status"]
     return Row(
         key=m["key"],
         workflow_id=m["workflow_id"],
         tool=m["tool"],
-        status=Status(m["status"]),
+        status=_STATUSES.get(status) or Status(status),  # a dict lookup; Status() only to reject a bad one
         attempt=m["attempt"],
         payload_hash=m["payload_hash"],
         args=m["args"],
@@ -724,7 +742,7 @@ class Store:
         """The stored row of ``key`` in ``workflow_id`` (or None): the ``LOOKUP_COLUMNS`` the decision
         core reads."""
         op = Lookup(key, workflow_id)
-        return Work(((self._lookup, op.binds()),), returns="row", write=False, label="load", fast=op)
+        return Work((), returns="row", write=False, label="load", fast=op, build=lambda: ((self._lookup, op.binds()),))
 
     def load_record(self, key: str) -> Work:
         """The stored row of ``key`` with every column converted (for audit and admin reads). By key
@@ -1007,7 +1025,7 @@ class Store:
             now,
             {"approval_id": approval_id, "payload_hash": payload_hash},
         )
-        steps = (*work.steps, (self._consume_approval, consume), (self._event, _p(audit)))
+        steps = (*work.statements(), (self._consume_approval, consume), (self._event, _p(audit)))
         return Work(steps, work.returns, work.write, work.label, all_or_nothing=True, charges=work.charges)
 
     # -- limits ------------------------------------------------------------------------------
@@ -1166,7 +1184,7 @@ class Store:
         one does not fit its budget. A forced charge (an approved call past its limit) always fits."""
         op = ClaimNew(key, workflow_id, tool, payload_hash, args, owner, lease_expires_at, now, charges)
         if not charges:
-            return Work(((self._claim_new, op.binds()),), returns="row", label="claim", fast=op)
+            return Work((), returns="row", label="claim", fast=op, build=lambda: ((self._claim_new, op.binds()),))
         return Work(
             ((self._claim_new, op.binds()),),
             returns="row",
@@ -1191,10 +1209,14 @@ class Store:
         when a concurrent claim won in between (look again).
         """
         op = ClaimOrLoad(**claim)
-        steps = ((self._claim_new, op.binds()), (self._lookup, op.lookup_binds()))
+
+        def steps() -> Steps:
+            return ((self._claim_new, op.binds()), (self._lookup, op.lookup_binds()))
+
         if not op.charges:
-            return Work(steps, "claim_or_row", True, "claim", fast=op)
-        return Work(steps, "claim_or_row", True, "claim", fast=op, charges=self.charge_steps(op.charges, op.now))
+            return Work((), "claim_or_row", True, "claim", fast=op, build=steps)
+        charges = self.charge_steps(op.charges, op.now)
+        return Work((), "claim_or_row", True, "claim", fast=op, charges=charges, build=steps)
 
     def claim_again(
         self,
@@ -1290,14 +1312,16 @@ class Store:
             started_at,
         )
         if not audited:
-            return Work(((self._complete, op.binds()),), label=event, fast=op)
-        return Work(((self._complete, op.binds()), (self._event, op.audit_binds())), label=event, fast=op)
+            return Work((), label=event, fast=op, build=lambda: ((self._complete, op.binds()),))
+        return Work(
+            (), label=event, fast=op, build=lambda: ((self._complete, op.binds()), (self._event, op.audit_binds()))
+        )
 
     def finish_audited(self, *, kind: str, **finish: Any) -> Work:
         """``finish`` (same arguments) plus an audit row of ``kind`` carrying its ``detail``, in one
         transaction: for an outcome whose detail must reach the audit trail even though ``finish``
         writes none for it (a success found by a reconcile callback). Not a hot unit."""
-        (complete, *_rest) = self.finish(**finish).steps
+        (complete, *_rest) = self.finish(**finish).statements()
         audit = self._event_params(
             finish["key"],
             finish["workflow_id"],
@@ -1389,7 +1413,7 @@ class Store:
     def events(self, rows: Sequence[Mapping[str, Any]]) -> Work:
         """Append many audit rows at once (batched replay records)."""
         op = AppendEvents(rows)
-        return Work(((self._event, op.binds()),), "none", label="events", fast=op)
+        return Work((), "none", label="events", fast=op, build=lambda: ((self._event, op.binds()),))
 
     @staticmethod
     def _event_params(

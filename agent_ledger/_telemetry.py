@@ -6,6 +6,7 @@ enabled, a call pays one logger-level check and nothing else."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from ._flow import Invoke, Op, Plan, Replayed
 __all__ = ["CallObserver", "Telemetry"]
 
 log = logging.getLogger("agent_ledger")
+_MISSING = object()
 
 try:
     from opentelemetry import trace as _otel
@@ -95,12 +97,19 @@ class Telemetry:
     def __init__(self, tracer_provider: Any = None) -> None:
         self._provider = tracer_provider
         self._tracers: dict[int, Any] = {}
+        # Whether the SDK would build a global provider from the environment (read once: asking
+        # os.environ on every call costs a raised and caught KeyError per call).
+        self._env_provider = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
     def _tracer(self) -> Any:
         if _otel is None:
             return None
         provider = self._provider
         if provider is None:
+            # No global provider yet (the API's own module global, read directly; an API version
+            # without it takes the public call every time): nothing would record a span.
+            if getattr(_otel, "_TRACER_PROVIDER", _MISSING) is None and not self._env_provider:
+                return None
             provider = _otel.get_tracer_provider()
             if isinstance(provider, (_otel.ProxyTracerProvider, _otel.NoOpTracerProvider)):
                 return None  # nothing would record the span: don't pay for it

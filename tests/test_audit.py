@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -195,3 +196,38 @@ def test_testing_plugin_gives_isolated_ledgers(pytester: pytest.Pytester) -> Non
     )
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
+
+
+GLOBAL_PROVIDER_SCRIPT = """
+import sys
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from agent_ledger import Ledger, ToolCall
+
+ledger = Ledger(sys.argv[1], auto_migrate=True)
+calls = []
+def handler(n):
+    calls.append(n)
+    return n
+ledger.run(ToolCall(workflow_id="w", tool="before", args={"n": 1}), handler=handler)  # no provider yet
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)  # the application sets the global provider after a first call
+ledger.run(ToolCall(workflow_id="w", tool="after", args={"n": 2}), handler=handler)
+ledger.run(ToolCall(workflow_id="w", tool="after", args={"n": 2}), handler=handler)
+print([s.name for s in exporter.get_finished_spans()], calls)
+"""
+
+
+def test_a_global_tracer_provider_set_after_the_first_call_records_the_next_calls(tmp_path: Path) -> None:
+    # The ledger reads the API's global provider directly on each call (the public call costs a raised
+    # KeyError per call): a provider set later must still be found, and the handler runs once per key.
+    url = f"sqlite:///{tmp_path / 'otel.db'}"
+    out = subprocess.run(
+        [sys.executable, "-c", GLOBAL_PROVIDER_SCRIPT, url], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['agent_ledger after', 'agent_ledger after'] [1, 2]"

@@ -106,14 +106,14 @@ def row(status: str, **kw: Any) -> dict[str, Any]:
 
 
 def params(work: Work, step: int = 0) -> Mapping[str, Any]:
-    p = work.steps[step][1]
+    p = work.statements()[step][1]
     assert isinstance(p, Mapping)
     return p
 
 
 def audit(work: Work) -> Mapping[str, Any]:
     """The audit row a unit of work writes (its last step)."""
-    return params(work, len(work.steps) - 1)
+    return params(work, len(work.statements()) - 1)
 
 
 class Script:

@@ -578,5 +578,5 @@ def test_typed_operations_are_what_the_fast_path_dispatches_on(contract: Contrac
     }
     for kind, work in units.items():
         assert type(work.fast) is kind
-    assert units[ClaimOrLoad].returns == "claim_or_row" and len(units[ClaimOrLoad].steps) == 2
+    assert units[ClaimOrLoad].returns == "claim_or_row" and len(units[ClaimOrLoad].statements()) == 2
     assert (s.hot.complete_audited is not None) == (s.dialect == "postgresql")

@@ -432,7 +432,7 @@ def test_statements_that_know_the_workflow_touch_one_partition(pg_url: str, plai
     try:
         checked = 0
         for name, work in routed.items():
-            for stmt, values in work.steps:
+            for stmt, values in work.statements():
                 if isinstance(stmt, sa.Insert):
                     continue  # an insert routes its row by the value it writes
                 planned = partitions_planned(stmt, values)
@@ -440,7 +440,7 @@ def test_statements_that_know_the_workflow_touch_one_partition(pg_url: str, plai
                 assert all(len(numbers) == 1 for numbers in planned.values()), (name, planned)
                 checked += 1
         assert checked >= len(routed)
-        everywhere = partitions_planned(store.load_record(key).steps[0][0], {"p_key": key})
+        everywhere = partitions_planned(store.load_record(key).statements()[0][0], {"p_key": key})
         assert everywhere == {"effects": {str(i) for i in range(8)}}
     finally:
         engine.dispose()
