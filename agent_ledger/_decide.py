@@ -177,9 +177,10 @@ class Policy:
     has_reconcile: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
-    """What the caller wants: this key, with this payload, under this policy."""
+    """What the caller wants: this key, with this payload, under this policy (slotted, not frozen: one
+    is built per call on the hot path; nothing mutates it)."""
 
     key: str
     payload_hash: str

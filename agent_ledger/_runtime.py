@@ -1101,7 +1101,8 @@ class _ReplayBuffer:
                     row["detail"]["count"] += 1
                     row["at"] = item["at"]
                 elif len(rows) < self._max_queued:
-                    rows[item["key"]] = {**item, "detail": {**(item["detail"] or {}), "count": 1}}
+                    detail = item["detail"]
+                    rows[item["key"]] = {**item, "detail": {"count": 1} if detail is None else {**detail, "count": 1}}
                 else:
                     self._dropped += 1
             if not rows:
