@@ -693,9 +693,7 @@ class Hot:
         if found is None:
             return HOP
         self.saw(new=False)
-        out = self.row(found)
-        out["claimed"] = False
-        return out
+        return self.stored(found)
 
     @staticmethod
     def params(spec: _Sql, values: Mapping[str, Any]) -> list[Any]:
@@ -714,6 +712,12 @@ class Hot:
             if vals[i] is not None:
                 vals[i] = proc(vals[i])
         return dict(zip(self.columns, vals, strict=True))
+
+    def stored(self, values: tuple[Any, ...]) -> dict[str, Any]:
+        """``ClaimOrLoad``'s answer when the key exists: its row, marked as not claimed by us."""
+        out = self.row(values)
+        out["claimed"] = False
+        return out
 
     # -- sync -------------------------------------------------------------------------------
 
@@ -771,7 +775,7 @@ class Hot:
                 return {"claimed": True}  # the flow needs nothing else of a row it just created
             found = yield self.load.sql, self.params(self.load, op.lookup_binds()), True
             self.saw(new=False)
-            return {**self.row(found), "claimed": False} if found is not None else None
+            return self.stored(found) if found is not None else None
         if isinstance(op, ClaimNew):
             found = yield from self._claim_step(op)
             if found is EXCEEDED:
@@ -837,7 +841,7 @@ class Hot:
             self.saw(new=won is not None)
             if won is not None:
                 return {"claimed": True}
-            return {**self.row(found), "claimed": False} if found is not None else None
+            return self.stored(found) if found is not None else None
         conn.execute("BEGIN IMMEDIATE")
         try:
             if isinstance(op, AppendEvents):
