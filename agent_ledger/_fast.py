@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import operator
 import sqlite3
 import threading
 import time
@@ -30,6 +31,7 @@ from sqlalchemy import JSON, Dialect, Engine, event, exc
 
 from ._schema import UTCDateTime
 from ._store import (
+    EVENT_COLUMNS,
     EXCEEDED,
     LIMIT_MARK,
     LOOKUP_COLUMNS,
@@ -154,6 +156,8 @@ def _compile(stmt: Any, dialect: Dialect) -> _Sql:
     defaults = compiled.params  # literal values of the statement (and None for ours, given per call)
     return _Sql(compiled.string, tuple((name, defaults.get(name), procs[name]) for name in compiled.positiontup))
 
+
+_AT, _DETAIL = EVENT_COLUMNS.index("at"), EVENT_COLUMNS.index("detail")
 
 HOP = object()
 """A lookup's answer when more is needed: the key is absent and must be claimed (and for
@@ -624,12 +628,15 @@ class Hot:
         self.finish = _compile(audited, dialect) if audited is not None else None
         self.succeed = _compile(waking, dialect) if waking is not None else None
         # Postgres: batched audit rows go through COPY (about 55% of an executemany's client work per row;
-        # one statement, so all or nothing), each row bound as ``event`` binds it: the COPY names the
-        # columns of ``event``'s placeholders, in their order, so ``params`` reads a row as it is.
+        # one statement, so all or nothing). COPY's text format hands every value to the column's input
+        # function, so a row is bound without the SQLAlchemy processors: text, an int, an aware datetime
+        # (psycopg writes its offset) and the detail already serialised as the engine serialises JSON.
         quote = dialect.identifier_preparer
+        columns = ", ".join(quote.quote(name) for name in EVENT_COLUMNS)
+        self.copy_events = f"COPY {quote.format_table(store.tables.events)} ({columns}) FROM STDIN"
+        self._event_values = operator.itemgetter(*EVENT_COLUMNS)
+        self._dumps: Callable[[Any], str] = getattr(dialect, "_json_serializer", None) or json.dumps
         plan = tuple((name.removeprefix("p_"), default, proc) for name, default, proc in self.event.plan)
-        columns = ", ".join(quote.quote(name) for name, _, _ in plan)
-        self.copy_events = _Sql(f"COPY {quote.format_table(store.tables.events)} ({columns}) FROM STDIN", plan)
         # SQLite: the same rows through ``event``'s INSERT, read by column name as COPY reads them.
         self.event_rows = _Sql(self.event.sql, plan)
         self.charge = _compile(statements.charge, dialect)
@@ -703,6 +710,16 @@ class Hot:
         return [
             v if (v := get(name, default)) is None or proc is None else proc(v) for name, default, proc in spec.plan
         ]
+
+    def copy_values(self, row: Mapping[str, Any]) -> list[Any]:
+        """Postgres: one audit row (``EVENT_COLUMNS``) as ``copy_events`` takes it."""
+        values = list(self._event_values(row))
+        at, detail = values[_AT], values[_DETAIL]
+        if at is not None and at.tzinfo is None:  # as UTCDateTime refuses it: a naive time has no instant
+            raise InvalidArguments("agent_ledger stores aware datetimes only")
+        if detail is not None:
+            values[_DETAIL] = self._dumps(detail)
+        return values
 
     def row(self, values: tuple[Any, ...]) -> dict[str, Any]:
         """A lookup's result row (``LOOKUP_COLUMNS``) as the mapping the decision core reads (NULL stays
@@ -793,9 +810,9 @@ class Hot:
     def _pg(self, conn: Any, work: Work) -> Any:
         op = work.fast
         if isinstance(op, AppendEvents):  # batched replay records (written by the sync flusher)
-            with conn.cursor() as cur, cur.copy(self.copy_events.sql) as copy:
+            with conn.cursor() as cur, cur.copy(self.copy_events) as copy:
                 for row in op.rows:
-                    copy.write_row(self.params(self.copy_events, row))
+                    copy.write_row(self.copy_values(row))
             return None
         steps = self._pg_steps(work)
         got: Any = None
@@ -919,9 +936,9 @@ class Hot:
     async def _apg(self, conn: Any, work: Work) -> Any:
         op = work.fast
         if isinstance(op, AppendEvents):  # as in _pg (the flusher is sync; this keeps ado complete)
-            async with conn.cursor() as cur, cur.copy(self.copy_events.sql) as copy:
+            async with conn.cursor() as cur, cur.copy(self.copy_events) as copy:
                 for row in op.rows:
-                    await copy.write_row(self.params(self.copy_events, row))
+                    await copy.write_row(self.copy_values(row))
             return None
         steps = self._pg_steps(work)
         got: Any = None

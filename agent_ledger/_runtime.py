@@ -576,10 +576,11 @@ class Runtime:
 
     def do(self, work: Work) -> Any:
         """Run one unit of work on the sync engine, in one transaction."""
-        self.ensure_schema()
+        if not self._schema_ok:  # (checked here: a call per unit of work costs more than the test)
+            self.ensure_schema()
         if work.fast is not None and self.use_hot_path:  # maps errors as _mapped does, without a context manager
             try:
-                return self.hot.run(self._pool(), work)
+                return (self._hot or self.hot).run(self._spool or self._pool(), work)
             except exc.SQLAlchemyError as e:
                 raise _storage_error(e, work.label) from e
             except OSError as e:

@@ -33,6 +33,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     not_,
     null,
     or_,
@@ -70,7 +71,9 @@ __all__ = [
 Returns = Literal["row", "rows", "rowcount", "none", "claim_or_row"]
 
 LOOKUP_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Row))
-"""The effect columns a lookup returns: exactly what the decision core's ``Row`` reads."""
+"""The effect columns a lookup returns: exactly what the decision core's ``Row`` reads (``args`` only
+when the stored payload hash is not the caller's; ``lease_expires_at`` and ``started_at`` only for a
+running row, the one status whose decisions read them)."""
 
 WAKE_LOCK_CLASS = 0x4C454447
 """Postgres: the first key of the advisory locks that mark a waited-on key (the second is
@@ -429,7 +432,15 @@ class Store:
             case((e.c.payload_hash == b("known_hash", type_=e.c.payload_hash.type), null()), else_=e.c.args),
             e.c.args.type,
         )
-        self._lookup = select(*(args.label("args") if n == "args" else e.c[n] for n in LOOKUP_COLUMNS)).where(this)
+        # A lease and a start time only for a running row: decisions read them for no other status (the
+        # lease to wait or take over, the start for ``InProgress``), and a replay then decodes neither.
+        running = e.c.status == literal_column(f"'{Status.RUNNING.value}'")
+        only_running = {
+            n: type_coerce(case((running, e.c[n]), else_=null()), e.c[n].type).label(n)
+            for n in ("lease_expires_at", "started_at")
+        }
+        shown = {"args": args.label("args"), **only_running}
+        self._lookup = select(*(shown.get(n, e.c[n]) for n in LOOKUP_COLUMNS)).where(this)
 
         ins = postgresql.insert(e) if dialect == "postgresql" else sqlite.insert(e)
         base_claim = ins.values(

@@ -294,12 +294,16 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
     )
     assert c.run(lambda s: s.claim_new(**claim("k4", "A", t, lease=1))) == {"attempt": 1}
     row = row_from_mapping(c.run(lambda s: s.load("k4", "wf")))
+    # A running row's lease and start come back (waits, takeovers and InProgress read them); no other
+    # status's do (a replay decodes neither).
+    assert (row.status, row.lease_expires_at, row.started_at) == (Status.RUNNING, t + dt.timedelta(seconds=1), t)
     assert (
         c.run(lambda s: s.mark_unknown(row=row, now=later, by="sweeper", detail={"reason": "its lease expired"})) == 1
     )
     assert c.run(lambda s: s.mark_unknown(row=row, now=later, by="sweeper", detail={})) == 0
     row = row_from_mapping(c.run(lambda s: s.load("k4", "wf")))
     assert row.status is Status.UNKNOWN
+    assert (row.lease_expires_at, row.started_at) == (None, None)
     assert c.run(lambda s: s.claim_again(event="reconcile", row=row, owner="B", lease_expires_at=later, now=later)) == 1
 
     # Replay records, batched.
@@ -311,6 +315,13 @@ def test_named_sequences_agree_and_answer_right(contract: Contract) -> None:
             **replayed_base,
             "key": "k2",
             "detail": {"count": 1, "why": ["caf\u00e9", {"n": 2.5, "ok": True, "none": None}]},
+        },
+        # An aware time in another zone is the same instant (COPY writes its offset).
+        {
+            **replayed_base,
+            "key": "k3",
+            "detail": {"count": 1},
+            "at": later.astimezone(dt.timezone(dt.timedelta(hours=5, minutes=30))),
         },
     ]
     assert c.run(lambda s: s.events(replayed)) is None
