@@ -18,6 +18,7 @@ the ``Ledger``) call them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import socket
@@ -47,7 +48,7 @@ from ._decide import (
 )
 from ._keys import Redaction, normalise, payload_hash
 from ._models import Effect, RecoveryReport, Status
-from ._store import EXCEEDED, Store, Work, row_from_mapping
+from ._store import EXCEEDED, ClaimOrLoad, Store, Work, row_from_mapping
 from ._text import storable, text_problem
 from .errors import (
     ApprovalMismatch,
@@ -459,7 +460,7 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
     if plan.approval is None:
         # Look the key up and, when absent, claim it in the same unit of work: a replay costs one read,
         # a new call one read and the claim on the same pooled connection.
-        found = yield Db(store.claim_or_load(**_claim(plan, now)))
+        found = yield Db(store.claim_or_load_op(_claim_or_load(plan, now)))
         if found is EXCEEDED:
             past_limit = yield from _over_limit(plan, now, refusals)
             refusals += 1
@@ -558,7 +559,7 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
             # A human approved this exact call past its limit: it runs, and what it consumes is recorded.
             approval_id = approval_id or past_limit
             charges = tuple(dataclasses.replace(c, forced=True) for c in charges)
-        lease_until = now + timedelta(seconds=plan.lease)
+        lease_until = now + _lease(plan.lease)
         if decision.event == "claim":
             claim = _claim(plan, now)
             if charges:
@@ -745,12 +746,33 @@ def _claim(plan: Plan, now: datetime) -> dict[str, Any]:
         "payload_hash": plan.payload_hash,
         "args": plan.args,
         "owner": plan.owner,
-        "lease_expires_at": now + timedelta(seconds=plan.lease),
+        "lease_expires_at": now + _lease(plan.lease),
         "now": now,
     }
     if plan.charges:
         claim["charges"] = plan.charges
     return claim
+
+
+def _claim_or_load(plan: Plan, now: datetime) -> ClaimOrLoad:
+    """The ``ClaimOrLoad`` of a first claim of the plan's key: what ``_claim`` names, built positionally."""
+    return ClaimOrLoad(
+        plan.key,
+        plan.workflow_id,
+        plan.tool,
+        plan.payload_hash,
+        plan.args,
+        plan.owner,
+        now + _lease(plan.lease),
+        now,
+        plan.charges,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _lease(seconds: float) -> timedelta:
+    """A lease as a ``timedelta`` (a handful of distinct leases per process; building one costs more)."""
+    return timedelta(seconds=seconds)
 
 
 def _event(plan: Plan, kind: str, attempt: int | None, owner: str | None, at: datetime, detail: Any) -> dict[str, Any]:

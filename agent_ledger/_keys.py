@@ -18,7 +18,7 @@ import hmac
 import json
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -95,6 +95,8 @@ def normalise(value: Any, path: str = "args") -> Any:
 
 
 def _normalise(value: Any, path: str, depth: int) -> Any:
+    if type(value) is int and -_SAFE_INT <= value <= _SAFE_INT:  # the commonest values first, by exact type
+        return value
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -117,7 +119,7 @@ def _normalise(value: Any, path: str, depth: int) -> Any:
         return value
     if depth >= MAX_DEPTH and isinstance(value, (Mapping, list, tuple, set, frozenset)):
         raise InvalidArguments(f"{path} nests more than {MAX_DEPTH} levels deep", path=path)
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):  # (an ABC check costs more than the dict's own)
         out: dict[str, Any] = {}
         for k, v in value.items():
             if not isinstance(k, str):
@@ -184,8 +186,30 @@ def _plain(value: Any) -> bool:
     return False
 
 
-_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
-"""``json.dumps`` with the canonical options, built once (``dumps`` with options builds an encoder per call)."""
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _canonical_encoder() -> Callable[[Any], str]:
+    """``json.dumps`` with the canonical options (sorted keys, no spaces, no ASCII escaping), built once.
+
+    On CPython the C encoder itself is built once and reused: ``JSONEncoder.encode`` builds a new one,
+    and a dict to track cycles, on every call, which cost twice what encoding a small payload does.
+    Values reaching it are normalised (fresh containers, a cycle already refused as too deep); a cycle
+    given directly still ends in ``RecursionError``, never a hang.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)  # CPython's C encoder (not in the type stubs)
+    if make is None:  # pragma: no cover - Pythons without the C accelerator
+        return json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+    encode = make(None, _refuse, json.encoder.encode_basestring, None, ":", ",", True, False, True)
+
+    def dumps(value: Any) -> str:
+        return "".join(encode(value, 0))
+
+    return dumps
+
+
+_ENCODE = _canonical_encoder()
 
 
 def canonical(value: Any) -> bytes:

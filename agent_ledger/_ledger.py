@@ -858,8 +858,8 @@ class Ledger:
         JSON is returned, rebuilt as ``result_type`` when given (a pydantic model, dataclass, ...). The
         options are those of ``CallOptions`` (the same as ``@ledger.tool``).
         """
-        plan = self._call_plan(call, handler, options)
-        if _handler_signature(handler)[2]:  # async (cached per handler, with its signature)
+        plan, is_async = self._call_plan_of(call, handler, options)
+        if is_async:
             return self._aexecute(plan)
         _sync_callables(plan.tool, plan.reconcile)
         return self._execute(plan)
@@ -870,13 +870,17 @@ class Ledger:
         return await self._aexecute(plan)
 
     def _call_plan(self, call: Any, handler: Callable[..., Any], raw: CallOptions) -> Plan:
+        return self._call_plan_of(call, handler, raw)[0]
+
+    def _call_plan_of(self, call: Any, handler: Callable[..., Any], raw: CallOptions) -> tuple[Plan, bool]:
+        """The plan of a call, and whether its handler is async (read with its signature, once)."""
         if not callable(handler):
             raise InvalidArguments(f"handler must be callable, not {handler!r}")
         options = _Options.build(raw) if raw else _DEFAULT_OPTIONS
         if not isinstance(call, ToolCall):
             call = self._from_sdk(call, handler)
         args = dict(call.args)
-        sig, wants, _ = _handler_signature(handler)
+        sig, wants, is_async = _handler_signature(handler)
         if "effect" in args and wants:
             raise InvalidArguments(
                 f"tool {call.tool!r}: the argument name 'effect' is reserved for the Effect the handler receives"
@@ -894,7 +898,7 @@ class Ledger:
             return handler(**args, effect=effect) if wants else handler(**args)
 
         decode = None if options.result_type is _UNSET else TypeAdapter(options.result_type).validate_python
-        return self._plan(
+        plan = self._plan(
             workflow_id=call.workflow_id,
             tool=call.tool,
             args=args,
@@ -902,6 +906,7 @@ class Ledger:
             options=options,
             decode=decode,
         )
+        return plan, is_async
 
     @staticmethod
     def _from_sdk(obj: Any, handler: Callable[..., Any]) -> ToolCall:

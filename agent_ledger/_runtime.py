@@ -635,9 +635,10 @@ class Runtime:
 
     async def ado(self, work: Work) -> Any:
         """Run one unit of work on the async engine, in one transaction."""
-        await self.aensure_schema()
-        if work.fast is not None and self.use_hot_path:
-            with _mapped(work.label):
+        if not self._schema_ok:
+            await self.aensure_schema()
+        if work.fast is not None and self.use_hot_path:  # errors mapped as _mapped does, without its frames
+            try:
                 if self.dialect == "sqlite":
                     # SQLite has no asynchronous I/O (aiosqlite is a thread too). A lookup runs on the
                     # loop (it never waits for a lock); anything else runs as one unit in one hop to a
@@ -648,7 +649,11 @@ class Runtime:
                         return found
                     loop = asyncio.get_running_loop()
                     return await loop.run_in_executor(self._sqlite_executor(), self.hot.run, self._pool(), work)
-                return await self.hot.arun(self._apool(), work)
+                return await (self._hot or self.hot).arun(self._apool(), work)
+            except exc.SQLAlchemyError as e:
+                raise _storage_error(e, work.label) from e
+            except OSError as e:
+                raise _unreachable(e, work.label) from e
         with _mapped(work.label):
             async with self.aengine.connect() as conn:
                 if not work.write:

@@ -1219,7 +1219,11 @@ class Store:
         The result has ``claimed`` (True: we won the claim; False: the stored row follows), or is None
         when a concurrent claim won in between (look again).
         """
-        op = ClaimOrLoad(**claim)
+        return self.claim_or_load_op(ClaimOrLoad(**claim))
+
+    def claim_or_load_op(self, op: ClaimOrLoad) -> Work:
+        """``claim_or_load`` of an operation already built (the flow builds it positionally: a replay's
+        only unit of work, so it skips passing the claim's values by name twice)."""
 
         def steps() -> Steps:
             return ((self._claim_new, op.binds()), (self._lookup, op.lookup_binds()))
