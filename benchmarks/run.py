@@ -42,7 +42,7 @@ import psycopg  # noqa: E402
 from psycopg.types.json import Jsonb  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from agent_ledger import Ledger, ToolCall  # noqa: E402
+from agent_ledger import Ledger, ToolCall, _keys  # noqa: E402
 
 TARGETS = {"new": 1.5, "replay": 2.0, "limit": 1.3}
 
@@ -119,9 +119,13 @@ def floor_sql(table: str, mark: str) -> tuple[str, str, str]:
     return CLAIM.format(t=table, p=", ".join([mark] * 11)), complete, SELECT.format(t=table, k=mark)
 
 
+FLOOR_HASH = "v1:" + "0" * 64
+"""The payload hash of every floor row."""
+
+
 def claim_params(key: str, args: Any, lease_until: Any, now: Any) -> tuple[Any, ...]:
     """The floor's claim row, with the arguments and times already in the driver's form."""
-    return (key, "floor", "bench", "running", 1, "v1:" + "0" * 64, args, "floor-owner", lease_until, now, now)
+    return (key, "floor", "bench", "running", 1, FLOOR_HASH, args, "floor-owner", lease_until, now, now)
 
 
 def floor_conninfo(pg_url: str) -> str:
@@ -143,8 +147,9 @@ def sqlite_now() -> str:
 Pair = tuple[Callable[[int], Any], Callable[[int], Any], Callable[[], Any]]
 
 
-def floor_pg_sync(conninfo: str, table: str) -> Pair:
-    run = uuid.uuid4().hex[:8]
+def floor_pg_sync(conninfo: str, table: str, run: str | None = None) -> Pair:
+    """The Postgres floor (sync); its keys are ``floor-<run>-<i>``."""
+    run = run or uuid.uuid4().hex[:8]
     claim, complete, select = floor_sql(table, "%s")
     conn = psycopg.connect(conninfo, autocommit=True, **pg_options())
 
@@ -177,18 +182,17 @@ async def floor_pg_async(conninfo: str, table: str) -> Pair:
 
 def compute_key(i: int) -> str:
     """What every ledger does before its lookup: build the call, derive its key and payload hash."""
-    from agent_ledger import _keys
-
     call = ToolCall(workflow_id="wf", tool="bench", args={"i": i})
     data = _keys.canonical(_keys.normalise(dict(call.args)))
     _keys.payload_from_canonical(call.tool, data)
     return _keys.key_from_canonical(call.workflow_id, call.tool, data)
 
 
-def floor_sqlite(path: str, table: str, with_key: bool = False) -> Pair:
+def floor_sqlite(path: str, table: str, with_key: bool = False, run: str | None = None) -> Pair:
     """The SQLite floor; ``with_key``: its replay first computes the call's key (the in-process read
-    alone costs less than hashing the key, so that is the floor a ledger can be held to)."""
-    run = uuid.uuid4().hex[:8]
+    alone costs less than hashing the key, so that is the floor a ledger can be held to). Its keys are
+    ``floor-<run>-<i>``."""
+    run = run or uuid.uuid4().hex[:8]
     conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -213,6 +217,86 @@ def floor_sqlite(path: str, table: str, with_key: bool = False) -> Pair:
         conn.execute(select, (f"floor-{run}-{i}",)).fetchone()
 
     return new, replay, conn.close
+
+
+EVENT_COLUMNS = "key, workflow_id, tool, kind, attempt, owner, at, detail"
+AUDIT_BATCH = 500
+"""The minimal ledger writes its replay records every this many replays (agent_ledger: every 0.5 s)."""
+
+
+def minimal_replay_pg(conninfo: str, effects: str, events: str) -> Pair:
+    """The least a replay can do and keep the product's promises, written straight on psycopg: compute
+    the key and payload hash, read the narrow row, check it is a success of the same payload, return the
+    decoded result, and leave an audit row (buffered, written by ``COPY`` every ``AUDIT_BATCH``
+    replays). Not a target: the reference that says how much of a replay's cost is the promise itself
+    and how much is agent_ledger's own code (flow, decision core, pool, typed operations, telemetry)."""
+    run = uuid.uuid4().hex[:8]
+    new, _, close = floor_pg_sync(conninfo, effects, run)  # writes the keys, as the floor does
+    conn = psycopg.connect(conninfo, autocommit=True, **pg_options())
+    select = SELECT.format(t=effects, k="%s")
+    copy_sql = f"COPY {events} ({EVENT_COLUMNS}) FROM STDIN"
+    pending: list[tuple[Any, ...]] = []
+
+    def flush() -> None:
+        with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+            for rec in pending:
+                copy.write_row(rec)
+        pending.clear()
+
+    def replay(i: int) -> None:
+        compute_key(i)  # (the floor's rows carry a fixed payload hash: the check below compares with it)
+        key = f"floor-{run}-{i}"
+        row = conn.execute(select, (key,)).fetchone()
+        if row is None or row[0] != "succeeded" or row[2] != FLOOR_HASH:
+            raise AssertionError(f"the minimal ledger found no success for {key}")
+        pending.append((key, "floor", "bench", "replayed", row[1], "minimal", datetime.now(timezone.utc), Jsonb({})))
+        if len(pending) >= AUDIT_BATCH:
+            flush()
+
+    def close_all() -> None:
+        if pending:
+            flush()
+        conn.close()
+        close()
+
+    return new, replay, close_all
+
+
+def minimal_replay_sqlite(path: str, effects: str, events: str) -> Pair:
+    """``minimal_replay_pg`` on sqlite3: the key, the narrow read, the check, and an audit row, written
+    by one ``executemany`` in a ``BEGIN IMMEDIATE`` transaction every ``AUDIT_BATCH`` replays."""
+    run = uuid.uuid4().hex[:8]
+    new, _, close = floor_sqlite(path, effects, run=run)  # writes the keys, as the floor does
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA synchronous=FULL")
+    select = SELECT.format(t=effects, k="?")
+    insert = f"INSERT INTO {events} ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    pending: list[tuple[Any, ...]] = []
+
+    def flush() -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(insert, pending)
+        conn.execute("COMMIT")
+        pending.clear()
+
+    def replay(i: int) -> None:
+        compute_key(i)
+        key = f"floor-{run}-{i}"
+        row = conn.execute(select, (key,)).fetchone()
+        if row is None or row[0] != "succeeded" or row[2] != FLOOR_HASH:
+            raise AssertionError(f"the minimal ledger found no success for {key}")
+        json.loads(row[3])  # the result, decoded as a replay returns it
+        pending.append((key, "floor", "bench", "replayed", row[1], "minimal", sqlite_now(), "{}"))
+        if len(pending) >= AUDIT_BATCH:
+            flush()
+
+    def close_all() -> None:
+        if pending:
+            flush()
+        conn.close()
+        close()
+
+    return new, replay, close_all
 
 
 async def floor_sqlite_async(path: str, table: str) -> Pair:
@@ -326,26 +410,52 @@ def compare_new(base: Pair, ours: Pair, n: int, warm: int, rounds: int) -> dict[
     return out
 
 
-def compare(floor: Pair, ours: Pair, n: int, warm: int, rounds: int) -> dict[str, list[float]]:
-    """Alternate blocks of floor and ledger calls so both see the same machine conditions."""
+def compare(
+    floor: Pair, ours: Pair, n: int, warm: int, rounds: int, minimal: Pair | None = None
+) -> dict[str, list[float]]:
+    """Alternate blocks of floor and ledger calls so both see the same machine conditions. With
+    ``minimal`` (a minimal ledger's replay), its replays are timed in the same rounds too."""
     out: dict[str, list[float]] = {"floor_new": [], "new": [], "floor_replay": [], "replay": []}
     block = max(1, n // rounds)
-    for fn in (floor[0], ours[0], floor[1], ours[1]):
+    extra = () if minimal is None else (minimal[0], minimal[1])
+    for fn in (floor[0], ours[0], *extra[:1], floor[1], ours[1], *extra[1:]):
         for i in range(warm):
             fn(100_000_000 + i)
     out["ratio_new"], out["ratio_replay"] = [], []
     for r in range(rounds):
         base = r * block
         f, o = timed(floor[0], block, base), timed(ours[0], block, base)
+        if minimal is not None:
+            timed(minimal[0], block, base)  # its keys, for its replays below (not a reported figure)
         out["floor_new"] += f
         out["new"] += o
         out["ratio_new"].append(pct(o, 0.5) / pct(f, 0.5))
+    if minimal is not None:
+        out["minimal_replay"], out["ratio_minimal"], out["ratio_minimal_floor"] = [], [], []
+    # The process's CPU per replay (every thread: agent_ledger's replay-record writer included), ms: the
+    # part of a replay's time that is the client's work, the rest being the wait for the server.
+    out["cpu_floor_replay"], out["cpu_replay"], out["cpu_minimal_replay"] = [], [], []
+
+    def cpu_timed(fn: Callable[[int], Any], base: int, into: str) -> list[float]:
+        started = time.process_time()
+        got = timed(fn, block, base)
+        out[into].append((time.process_time() - started) / block * 1000)
+        return got
+
     for r in range(rounds):
         base = r * block
-        f, o = timed(floor[1], block, base), timed(ours[1], block, base)
+        f = cpu_timed(floor[1], base, "cpu_floor_replay")
+        o = cpu_timed(ours[1], base, "cpu_replay")
         out["floor_replay"] += f
         out["replay"] += o
         out["ratio_replay"].append(pct(o, 0.5) / pct(f, 0.5))
+        if minimal is not None:
+            m = cpu_timed(minimal[1], base, "cpu_minimal_replay")
+            out["minimal_replay"] += m
+            out["ratio_minimal"].append(pct(o, 0.5) / pct(m, 0.5))
+            out["ratio_minimal_floor"].append(pct(m, 0.5) / pct(f, 0.5))
+    if minimal is not None:
+        minimal[2]()
     floor[2]()
     ours[2]()
     return out
@@ -919,20 +1029,45 @@ def overhead(pg_url: str, sqlite_url: str, tmp: str, args: argparse.Namespace, o
     n, warm, rounds = args.n, args.warm, args.rounds
     rows = []
 
+    references = []
+
     def add(name: str, got: dict[str, list[float]], replay_floor: str = "") -> None:
         rows.append(row(f"{name} new", got["new"], got["floor_new"], got["ratio_new"], TARGETS["new"]))
         path = f"{name} replay"
         target = PATH_TARGETS.get(path, TARGETS["replay"])
         rows.append(row(path + replay_floor, got["replay"], got["floor_replay"], got["ratio_replay"], target))
+        if got.get("cpu_replay"):
+            cpu = {k: round(statistics.median(got[k]), 4) for k in ("cpu_floor_replay", "cpu_replay")}
+            if got.get("cpu_minimal_replay"):
+                cpu["cpu_minimal_replay"] = round(statistics.median(got["cpu_minimal_replay"]), 4)
+            rows[-1]["client_cpu_ms"] = cpu
+        if "minimal_replay" in got:  # not a target: how much of the replay is the promise itself
+            minimal = row(
+                f"{path}: minimal ledger", got["minimal_replay"], got["floor_replay"], got["ratio_minimal_floor"], None
+            )
+            minimal["ledger_vs_minimal"] = round(statistics.median(got["ratio_minimal"]), 2)
+            references.append(minimal)
 
-    add("postgres sync", compare(floor_pg_sync(conninfo, table), ledger_sync(pg_url), n, warm, rounds))
+    events = "agent_ledger_events"
+    add(
+        "postgres sync",
+        compare(
+            floor_pg_sync(conninfo, table),
+            ledger_sync(pg_url),
+            n,
+            warm,
+            rounds,
+            minimal_replay_pg(conninfo, table, events),
+        ),
+    )
 
     async def pg_async() -> dict[str, list[float]]:
         return await acompare(await floor_pg_async(conninfo, table), ledger_async(pg_url), n, warm, rounds)
 
     add("postgres async", asyncio.run(pg_async()))
     sqlite_floor = floor_sqlite(f"{tmp}/bench.db", table, with_key=True)
-    add("sqlite sync", compare(sqlite_floor, ledger_sync(sqlite_url), n, warm, rounds), " (floor + key)")
+    minimal = minimal_replay_sqlite(f"{tmp}/bench.db", table, events)
+    add("sqlite sync", compare(sqlite_floor, ledger_sync(sqlite_url), n, warm, rounds, minimal), " (floor + key)")
 
     async def sqlite_async() -> dict[str, list[float]]:
         floor = await floor_sqlite_async(f"{tmp}/bench.db", table)
@@ -960,6 +1095,20 @@ def overhead(pg_url: str, sqlite_url: str, tmp: str, args: argparse.Namespace, o
             f"{r['floor_p99_ms']:>10.3f} {r['ratio_p50']:>5.2f}x {r['target'] or '-'!s:>6}x {ok}"
         )
     print(f"computing a key alone (ToolCall, canonical JSON, two SHA-256): {pct(keys, 0.5) * 1000:.1f} us p50")
+    for r in rows:
+        if "client_cpu_ms" in r:
+            cpu = r["client_cpu_ms"]
+            minimal_cpu = cpu.get("cpu_minimal_replay")
+            print(
+                f"{r['path']}: client CPU per replay (every thread) {cpu['cpu_replay'] * 1000:.0f} us, floor "
+                f"{cpu['cpu_floor_replay'] * 1000:.0f} us"
+                + ("" if minimal_cpu is None else f", minimal ledger {minimal_cpu * 1000:.0f} us")
+            )
+    for r in references:
+        print(
+            f"{r['path']} (key, narrow read, check, audit row by batch; not a target): p50 {r['p50_ms']:.3f} ms, "
+            f"{r['ratio_p50']:.2f}x its floor; agent_ledger is {r['ledger_vs_minimal']:.2f}x the minimal ledger"
+        )
     lines = [
         "| path | p50 ms | p99 ms | floor p50 ms | floor p99 ms | ratio (p50) | target |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -972,7 +1121,12 @@ def overhead(pg_url: str, sqlite_url: str, tmp: str, args: argparse.Namespace, o
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "overhead.png")
     missed = [r["path"] for r in rows if r["target"] is not None and r["ratio_p50"] > r["target"]]
-    return {"paths": rows, "key_alone_p50_ms": round(pct(keys, 0.5), 4), "missed": missed}
+    return {
+        "paths": rows,
+        "minimal_ledger": references,
+        "key_alone_p50_ms": round(pct(keys, 0.5), 4),
+        "missed": missed,
+    }
 
 
 def plot_throughput(got: dict[str, Any], path: Path) -> None:
