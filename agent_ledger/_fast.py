@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Dialect, Engine, event, exc
 
+from ._keys import acyclic_encoder
 from ._schema import UTCDateTime
 from ._store import (
     EVENT_COLUMNS,
@@ -635,8 +636,15 @@ class Hot:
         columns = ", ".join(quote.quote(name) for name in EVENT_COLUMNS)
         self.copy_events = f"COPY {quote.format_table(store.tables.events)} ({columns}) FROM STDIN"
         self._event_values = operator.itemgetter(*EVENT_COLUMNS)
-        self._dumps: Callable[[Any], str] = getattr(dialect, "_json_serializer", None) or json.dumps
-        plan = tuple((name.removeprefix("p_"), default, proc) for name, default, proc in self.event.plan)
+        # Audit details are the ledger's own small, fresh dicts: a JSON encoder built once writes them
+        # (json.dumps builds one per call), unless the engine has a serializer of its own.
+        self._dumps: Callable[[Any], str] = getattr(dialect, "_json_serializer", None) or acyclic_encoder(
+            canonical=False
+        )
+        plan = tuple(
+            (name.removeprefix("p_"), default, self._dumps if name == "p_detail" else proc)
+            for name, default, proc in self.event.plan
+        )
         # SQLite: the same rows through ``event``'s INSERT, read by column name as COPY reads them.
         self.event_rows = _Sql(self.event.sql, plan)
         self.charge = _compile(statements.charge, dialect)

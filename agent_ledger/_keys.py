@@ -190,18 +190,24 @@ def _refuse(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def _canonical_encoder() -> Callable[[Any], str]:
-    """``json.dumps`` with the canonical options (sorted keys, no spaces, no ASCII escaping), built once.
+def acyclic_encoder(*, canonical: bool) -> Callable[[Any], str]:
+    """A JSON encoder built once, for values that cannot hold a cycle (normalised arguments, the
+    ledger's own audit details): ``canonical`` gives sorted keys, no spaces and no ASCII escaping (the
+    bytes of RFC 8785 for the values ``canonical()`` hands it); otherwise exactly ``json.dumps(value)``.
 
-    On CPython the C encoder itself is built once and reused: ``JSONEncoder.encode`` builds a new one,
-    and a dict to track cycles, on every call, which cost twice what encoding a small payload does.
-    Values reaching it are normalised (fresh containers, a cycle already refused as too deep); a cycle
-    given directly still ends in ``RecursionError``, never a hang.
+    On CPython the C encoder itself is reused: ``JSONEncoder.encode`` builds a new one, and a dict to
+    track cycles, on every call, which costs twice what encoding a small payload does. A cycle given to
+    it anyway ends in ``RecursionError``, never a hang.
     """
     make = getattr(json.encoder, "c_make_encoder", None)  # CPython's C encoder (not in the type stubs)
     if make is None:  # pragma: no cover - Pythons without the C accelerator
-        return json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
-    encode = make(None, _refuse, json.encoder.encode_basestring, None, ":", ",", True, False, True)
+        if canonical:
+            return json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+        return json.dumps
+    if canonical:
+        encode = make(None, _refuse, json.encoder.encode_basestring, None, ":", ",", True, False, True)
+    else:
+        encode = make(None, _refuse, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
 
     def dumps(value: Any) -> str:
         return "".join(encode(value, 0))
@@ -209,7 +215,7 @@ def _canonical_encoder() -> Callable[[Any], str]:
     return dumps
 
 
-_ENCODE = _canonical_encoder()
+_ENCODE = acyclic_encoder(canonical=True)
 
 
 def canonical(value: Any) -> bytes:
