@@ -24,6 +24,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import signal
 import sqlite3
 import statistics
 import sys
@@ -1325,6 +1326,9 @@ def main() -> int:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     if args.no_processes:
         only -= {"throughput", "storm", "waiters", "prune", "rss"}
+    # A SIGTERM (a CI timeout, `kill`) ends the run through the `finally` below, which stops the
+    # throwaway Postgres and PgBouncer; by default it would end the process and leave them running.
+    signal.signal(signal.SIGTERM, _terminated)
     server = bouncer = None
     if args.pg_url:
         pg_url = args.pg_url
@@ -1391,6 +1395,10 @@ def main() -> int:
             bouncer.close()
         if server is not None:
             server.close()
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
