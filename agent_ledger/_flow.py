@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic_core
 
@@ -48,7 +48,7 @@ from ._decide import (
 )
 from ._keys import Redaction, normalise, payload_hash
 from ._models import Effect, RecoveryReport, Status
-from ._store import EXCEEDED, ClaimOrLoad, Store, Work, row_from_mapping
+from ._store import EXCEEDED, ClaimNew, ClaimOrLoad, Store, Work, row_from_mapping
 from ._text import storable, text_problem
 from .errors import (
     ApprovalMismatch,
@@ -460,7 +460,7 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
     if plan.approval is None:
         # Look the key up and, when absent, claim it in the same unit of work: a replay costs one read,
         # a new call one read and the claim on the same pooled connection.
-        found = yield Db(store.claim_or_load_op(_claim_or_load(plan, now)))
+        found = yield Db(store.claim_or_load_op(_first_claim(ClaimOrLoad, plan, now, now + _lease(plan.lease))))
         if found is EXCEEDED:
             past_limit = yield from _over_limit(plan, now, refusals)
             refusals += 1
@@ -561,18 +561,8 @@ def execute(plan: Plan) -> Generator[Op, Any, Any]:
             charges = tuple(dataclasses.replace(c, forced=True) for c in charges)
         lease_until = now + _lease(plan.lease)
         if decision.event == "claim":
-            claim = _claim(plan, now)
-            if charges:
-                claim["charges"] = charges
-            won = yield Db(
-                _consuming(
-                    plan,
-                    approval_id,
-                    now,
-                    1,
-                    store.claim_new(**claim),
-                )
-            )
+            claim = _first_claim(ClaimNew, plan, now, lease_until, charges)
+            won = yield Db(_consuming(plan, approval_id, now, 1, store.claim_new_op(claim)))
             if won is EXCEEDED:
                 past_limit = yield from _over_limit(plan, now, refusals)
                 refusals += 1
@@ -736,36 +726,24 @@ def _approval_gate(plan: Plan, policy: ApprovalPolicy | None = None) -> Generato
         delay = min(delay * 2, 0.25)
 
 
-def _claim(plan: Plan, now: datetime) -> dict[str, Any]:
-    """The arguments of ``Store.claim_new`` (and ``claim_or_load``) for a first claim of the plan's key
-    (with the plan's charges, when it has limits)."""
-    claim = {
-        "key": plan.key,
-        "workflow_id": plan.workflow_id,
-        "tool": plan.tool,
-        "payload_hash": plan.payload_hash,
-        "args": plan.args,
-        "owner": plan.owner,
-        "lease_expires_at": now + _lease(plan.lease),
-        "now": now,
-    }
-    if plan.charges:
-        claim["charges"] = plan.charges
-    return claim
+_ClaimOp = TypeVar("_ClaimOp", bound=ClaimNew)
 
 
-def _claim_or_load(plan: Plan, now: datetime) -> ClaimOrLoad:
-    """The ``ClaimOrLoad`` of a first claim of the plan's key: what ``_claim`` names, built positionally."""
-    return ClaimOrLoad(
+def _first_claim(
+    kind: type[_ClaimOp], plan: Plan, now: datetime, lease_until: datetime, charges: tuple[Charge, ...] | None = None
+) -> _ClaimOp:
+    """The operation (``ClaimNew`` or ``ClaimOrLoad``) of a first claim of the plan's key, built
+    positionally, with the plan's charges unless others are given (forced ones, past a limit)."""
+    return kind(
         plan.key,
         plan.workflow_id,
         plan.tool,
         plan.payload_hash,
         plan.args,
         plan.owner,
-        now + _lease(plan.lease),
+        lease_until,
         now,
-        plan.charges,
+        plan.charges if charges is None else charges,
     )
 
 

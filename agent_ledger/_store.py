@@ -1193,7 +1193,13 @@ class Store:
 
         With ``charges`` the winner also consumes them, atomically: ``EXCEEDED`` (nothing written) when
         one does not fit its budget. A forced charge (an approved call past its limit) always fits."""
-        op = ClaimNew(key, workflow_id, tool, payload_hash, args, owner, lease_expires_at, now, charges)
+        return self.claim_new_op(
+            ClaimNew(key, workflow_id, tool, payload_hash, args, owner, lease_expires_at, now, charges)
+        )
+
+    def claim_new_op(self, op: ClaimNew) -> Work:
+        """``claim_new`` of an operation already built (the flow builds it positionally)."""
+        charges, now = op.charges, op.now
         if not charges:
             return Work((), returns="row", label="claim", fast=op, build=lambda: ((self._claim_new, op.binds()),))
         return Work(

@@ -571,10 +571,12 @@ def test_no_limits_means_no_charges(make_ledger: Callable[..., Ledger]) -> None:
     ledger = make_ledger()
     plan = ledger._call_plan(ToolCall(workflow_id="w", tool="t", args={}), lambda: 1, {})
     assert plan.charges == () and plan.limit_approval is None
-    from agent_ledger._flow import _claim
+    from agent_ledger._flow import _first_claim
+    from agent_ledger._store import ClaimOrLoad
 
-    assert "charges" not in _claim(plan, EPOCH)
-    work = ledger._rt.store.claim_or_load(**_claim(plan, EPOCH))
+    claim = _first_claim(ClaimOrLoad, plan, EPOCH, EPOCH)
+    assert claim.charges == ()
+    work = ledger._rt.store.claim_or_load_op(claim)
     assert work.charges == () and work.fast is not None and work.fast.charges == ()
 
 
