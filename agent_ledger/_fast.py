@@ -696,8 +696,8 @@ class Hot:
     def reads_first(self, work: Work) -> bool:
         """Whether a unit starts with a lock-free lookup: ``Lookup``, or ``ClaimOrLoad`` while this
         ledger mostly sees replays (then a replay is one index read)."""
-        kind = type(work.fast)  # (exact types: neither has subclasses; expect_new inline, as on every replay)
-        return kind is Lookup or (kind is ClaimOrLoad and self._new_rate <= 0.5)
+        kind = type(work.fast)  # (exact types: neither has subclasses)
+        return kind is Lookup or (kind is ClaimOrLoad and not self.expect_new())
 
     def looked_up(self, work: Work, found: Any) -> Any:
         """The answer of that lookup, given the fetched row (or None): for ``Lookup`` the row mapping or
@@ -707,7 +707,7 @@ class Hot:
             return self.row(found) if found is not None else None
         if found is None:
             return HOP
-        self._new_rate *= 0.9  # saw(new=False), inline: every replay passes here
+        self.saw(new=False)
         return self.stored(found)
 
     @staticmethod
