@@ -225,6 +225,42 @@ AUDIT_BATCH = 500
 """The minimal ledger writes its replay records every this many replays (agent_ledger: every 0.5 s)."""
 
 
+def _minimal_ledger(
+    run: str,
+    new: Callable[[int], Any],
+    close: Callable[[], Any],
+    read: Callable[[str], Any],
+    write: Callable[[list[tuple[Any, ...]]], None],
+    now: Callable[[], Any],
+    done: Callable[[], Any],
+) -> Pair:
+    """The minimal ledger's replay on a floor's keys (``floor-<run>-<i>``, written by its ``new``): the
+    key, ``read`` (the narrow row, its result decoded), the check, and an audit row, handed to ``write``
+    every ``AUDIT_BATCH`` replays; ``done`` closes the driver connection ``read`` and ``write`` use."""
+    pending: list[tuple[Any, ...]] = []
+
+    def replay(i: int) -> None:
+        compute_key(i)  # (the floor's rows carry a fixed payload hash: the check below compares with it)
+        key = f"floor-{run}-{i}"
+        row = read(key)
+        if row is None or row[0] != "succeeded" or row[2] != FLOOR_HASH:
+            raise AssertionError(f"the minimal ledger found no success for {key}")
+        # The detail as JSON text (on Postgres COPY hands it to the jsonb input function, cheaper than a
+        # Jsonb dumper).
+        pending.append((key, "floor", "bench", "replayed", row[1], "minimal", now(), "{}"))
+        if len(pending) >= AUDIT_BATCH:
+            write(pending)
+            pending.clear()
+
+    def close_all() -> None:
+        if pending:
+            write(pending)
+        done()
+        close()
+
+    return new, replay, close_all
+
+
 def minimal_replay_pg(conninfo: str, effects: str, events: str) -> Pair:
     """The least a replay can do and keep the product's promises, written straight on psycopg: compute
     the key and payload hash, read the narrow row, check it is a success of the same payload, return the
@@ -236,32 +272,16 @@ def minimal_replay_pg(conninfo: str, effects: str, events: str) -> Pair:
     conn = psycopg.connect(conninfo, autocommit=True, **pg_options())
     select = SELECT.format(t=effects, k="%s")
     copy_sql = f"COPY {events} ({EVENT_COLUMNS}) FROM STDIN"
-    pending: list[tuple[Any, ...]] = []
 
-    def flush() -> None:
+    def write(rows: list[tuple[Any, ...]]) -> None:
         with conn.cursor() as cur, cur.copy(copy_sql) as copy:
-            for rec in pending:
+            for rec in rows:
                 copy.write_row(rec)
-        pending.clear()
 
-    def replay(i: int) -> None:
-        compute_key(i)  # (the floor's rows carry a fixed payload hash: the check below compares with it)
-        key = f"floor-{run}-{i}"
-        row = conn.execute(select, (key,)).fetchone()
-        if row is None or row[0] != "succeeded" or row[2] != FLOOR_HASH:
-            raise AssertionError(f"the minimal ledger found no success for {key}")
-        # (the detail as JSON text: COPY hands it to the jsonb input function, cheaper than a Jsonb dumper)
-        pending.append((key, "floor", "bench", "replayed", row[1], "minimal", datetime.now(timezone.utc), "{}"))
-        if len(pending) >= AUDIT_BATCH:
-            flush()
+    def read(key: str) -> Any:
+        return conn.execute(select, (key,)).fetchone()  # psycopg decodes the jsonb result
 
-    def close_all() -> None:
-        if pending:
-            flush()
-        conn.close()
-        close()
-
-    return new, replay, close_all
+    return _minimal_ledger(run, new, close, read, write, lambda: datetime.now(timezone.utc), conn.close)
 
 
 def minimal_replay_sqlite(path: str, effects: str, events: str) -> Pair:
@@ -273,32 +293,19 @@ def minimal_replay_sqlite(path: str, effects: str, events: str) -> Pair:
     conn.execute("PRAGMA synchronous=FULL")
     select = SELECT.format(t=effects, k="?")
     insert = f"INSERT INTO {events} ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-    pending: list[tuple[Any, ...]] = []
 
-    def flush() -> None:
+    def write(rows: list[tuple[Any, ...]]) -> None:
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(insert, pending)
+        conn.executemany(insert, rows)
         conn.execute("COMMIT")
-        pending.clear()
 
-    def replay(i: int) -> None:
-        compute_key(i)
-        key = f"floor-{run}-{i}"
+    def read(key: str) -> Any:
         row = conn.execute(select, (key,)).fetchone()
-        if row is None or row[0] != "succeeded" or row[2] != FLOOR_HASH:
-            raise AssertionError(f"the minimal ledger found no success for {key}")
-        json.loads(row[3])  # the result, decoded as a replay returns it
-        pending.append((key, "floor", "bench", "replayed", row[1], "minimal", sqlite_now(), "{}"))
-        if len(pending) >= AUDIT_BATCH:
-            flush()
+        if row is not None:
+            json.loads(row[3])  # the result, decoded as a replay returns it
+        return row
 
-    def close_all() -> None:
-        if pending:
-            flush()
-        conn.close()
-        close()
-
-    return new, replay, close_all
+    return _minimal_ledger(run, new, close, read, write, sqlite_now, conn.close)
 
 
 async def floor_sqlite_async(path: str, table: str) -> Pair:
